@@ -1,0 +1,163 @@
+"""``python -m guest_proc``: one guest vCPU running guest-kernel MMU work.
+
+It connects to the host, maps guest memory, builds the workload's starting
+address space (unmeasured), then runs the measured part. Progress is reported as
+JSON lines on stdout: ``ready``, ``done`` (the measured counters), ``check``
+(guest memory against what it meant to write, and the digest of its tables).
+
+With ``--barrier`` (what ``pvmmu run`` uses) it waits on stdin between phases
+for the words ``go``, ``check`` and ``quit``, so the supervisor can sample
+context switches around exactly the measured part. Without it, it runs straight
+through.
+
+Exit status: 0 done; 1 bad set-up (the host refused the handshake, memory
+missing); 3 the host refused an op or made no progress; 4 the host died or went
+silent; 128 + N after signal N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+import click
+
+from guest_proc.pagetable import OutOfGuestMemory
+from guest_proc.paravirt import MODES, HypercallError
+from guest_proc.shell import GuestError, GuestSession
+from guest_proc.workloads import WORKLOADS, prepare
+from protocol.abi import MMU_QUEUE_SIZE
+from protocol.layout import MAX_QUEUE_BYTES, MAX_VCPUS, LayoutError
+from protocol.messages import MessageError
+from pvmmu.doorbell import DoorbellTimeout
+from pvmmu.liveness import PeerGone, Terminated, die_with_parent, install_signal_handlers
+from pvmmu.options import io_thread_option, parent_pid_option
+from pvmmu.shm import SharedMemoryError
+
+EXIT_SETUP = 1
+EXIT_HYPERCALL = 3
+EXIT_PEER = 4
+_TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+class BarrierError(RuntimeError):
+    pass
+
+
+def _emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+_pending = bytearray()  # stdin bytes read but not yet consumed (unbuffered, so select stays true)
+
+
+def _await(word: str, timeout_s: float) -> None:
+    """Block until the supervisor writes ``word`` on stdin (bounded; EOF means it is gone)."""
+    deadline = time.monotonic() + timeout_s
+    while b"\n" not in _pending:
+        r, _, _ = select.select([0], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            raise BarrierError(f"supervisor did not say {word!r} within {timeout_s:g}s")
+        chunk = os.read(0, 4096)
+        if not chunk:
+            raise BarrierError(f"supervisor closed the control pipe while the guest waited for {word!r}")
+        _pending.extend(chunk)
+    line, _, rest = bytes(_pending).partition(b"\n")
+    _pending[:] = rest
+    said = line.decode(errors="replace").strip()
+    if said != word:
+        raise BarrierError(f"supervisor said {said!r}, expected {word!r}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--endpoint", required=True, help="The host's doorbell endpoint.")
+@click.option("--vcpu", type=click.IntRange(0, MAX_VCPUS - 1), default=0, show_default=True, help="This vCPU's id.")
+@click.option("--mode", type=click.Choice(MODES), default="multicall", show_default=True, help="Flush strategy.")
+@click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="writes", show_default=True)
+@click.option("--ops", "size", type=click.IntRange(1), default=10000, show_default=True, help="Workload size.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the workload's randomness.")
+@click.option(
+    "--queue-bytes",
+    type=click.IntRange(24, MAX_QUEUE_BYTES),
+    default=MMU_QUEUE_SIZE,
+    show_default=True,
+    help="Size of the per-vCPU mmu_queue (the patch: 1024).",
+)
+@click.option(
+    "--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds to wait for any reply."
+)
+@io_thread_option
+@click.option("--host-pid", type=int, help="Watch this host process from the start (else from the handshake).")
+@parent_pid_option
+@click.option("--barrier", is_flag=True, help="Wait for go/check/quit on stdin between phases.")
+def main(
+    endpoint: str,
+    vcpu: int,
+    mode: str,
+    workload: str,
+    size: int,
+    seed: int,
+    queue_bytes: int,
+    timeout: float,
+    io_thread: str,
+    host_pid: int | None,
+    parent_pid: int | None,
+    barrier: bool,
+) -> None:
+    """Run one guest vCPU against a host."""
+    install_signal_handlers()
+    die_with_parent(parent_pid)
+    session = None
+    code = 0
+    phase = "handshake"
+    try:
+        session = GuestSession(endpoint, vcpu, queue_bytes, mode, timeout, host_pid, batch_io=io_thread == "batch")
+        phase = "setup"
+        work = prepare(session.kernel, workload, size, seed)
+        _emit({"event": "ready", "pid": os.getpid(), "vcpu": vcpu, "setup_hypercalls": session.seq})
+        if barrier:
+            _await("go", max(timeout, 60.0))
+        phase = "run"
+        session.start_measuring()
+        t0 = time.perf_counter()
+        work.run()
+        wall = time.perf_counter() - t0
+        _emit({"event": "done", **session.measured(wall)})
+        phase = "check"
+        if barrier:
+            _await("check", max(timeout, 60.0))
+        _emit({"event": "check", "vcpu": vcpu, **session.kernel.check()})
+        if barrier:
+            _await("quit", max(timeout, 60.0))
+        session.bye()
+    except Terminated as t:
+        code = t.exit_code
+    except (HypercallError, OutOfGuestMemory) as exc:
+        code = _fail(EXIT_HYPERCALL, phase, str(exc))
+    except (PeerGone, DoorbellTimeout) as exc:
+        code = _fail(EXIT_PEER, phase, str(exc))
+    except (GuestError, MessageError, SharedMemoryError, LayoutError, BarrierError, ValueError) as exc:
+        code = _fail(EXIT_SETUP, phase, str(exc))
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)
+        if session is not None:
+            session.close()
+    sys.exit(code)
+
+
+def _fail(code: int, phase: str, message: str) -> int:
+    print(f"pvmmu guest: {message}", file=sys.stderr)
+    try:
+        _emit({"event": "error", "phase": phase, "message": message, "exit": code})
+    except (BrokenPipeError, OSError):
+        pass
+    return code
+
+
+if __name__ == "__main__":
+    main()

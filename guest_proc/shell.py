@@ -1,0 +1,138 @@
+"""The vCPU process around the guest core: doorbell, guest memory, the hypercall callable.
+
+``GuestSession`` says hello, maps guest memory where the host says it is, and
+gives ``KvmParaState`` its ``hypercall`` function: pack the registers, ring the
+doorbell, block for the reply, time the round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from typing import Any
+
+from guest_proc.pagetable import FrameAllocator
+from guest_proc.paravirt import KvmParaState
+from guest_proc.workloads import GuestKernel
+from protocol.layout import PAGE_SIZE, Layout
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Reject,
+    Return,
+    Welcome,
+    pack_bye,
+    pack_hello,
+    pack_hypercall,
+    unpack,
+)
+from pvmmu.doorbell import CallerDoorbell
+from pvmmu.shm import GuestMemory
+
+
+class GuestError(RuntimeError):
+    """The host refused a message, or answered with something that is not the answer."""
+
+
+def percentile(sorted_values: list[int] | array, q: float) -> float:
+    """Nearest-rank percentile of already sorted values (0 for none)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return float(sorted_values[int(rank) - 1])
+
+
+class GuestSession:
+    """One vCPU attached to a host."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        vcpu: int,
+        queue_bytes: int,
+        mode: str,
+        timeout_s: float,
+        host_pid: int | None = None,
+        batch_io: bool = False,
+    ) -> None:
+        self.vcpu = vcpu
+        self.doorbell = CallerDoorbell(endpoint, timeout_s, host_pid, batch_io=batch_io)
+        self.memory: GuestMemory | None = None
+        self.seq = 0
+        self.latencies_ns = array("q")
+        try:
+            self._attach(vcpu, queue_bytes, mode)
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach(self, vcpu: int, queue_bytes: int, mode: str) -> None:
+        info = self._hello()
+        self.welcome = info
+        self.host_pid = int(info["host_pid"])
+        self.doorbell.watch_peer(self.host_pid)
+        self.memory = GuestMemory.attach(info["shm"])
+        layout = Layout.from_header(self.memory.buf)
+        area = layout.vcpu_area(vcpu, queue_bytes)
+        if (area.queue_gpa, area.stack_gpa, area.pool_gpa) != (info["queue_gpa"], info["stack_gpa"], info["pool_gpa"]):
+            raise GuestError("host's welcome and guest memory's layout disagree")
+        self.layout = layout
+        self.pv = KvmParaState(self.memory.buf, area, self.hypercall, mode)
+        self.kernel = GuestKernel(self.pv, FrameAllocator(area), layout.mem_bytes // PAGE_SIZE)
+
+    def _hello(self) -> dict[str, Any]:
+        reply = unpack(self.doorbell.call(pack_hello(self.vcpu, os.getpid()), "the handshake"))
+        if isinstance(reply, Reject):
+            raise GuestError(f"host refused vCPU {self.vcpu}: {reply.reason}")
+        if not isinstance(reply, Welcome) or reply.version != PROTOCOL_VERSION:
+            raise GuestError(f"host answered the handshake with {reply!r}")
+        return reply.info
+
+    def hypercall(self, nr: int, a0: int, a1: int, a2: int) -> int:
+        """The vmcall: registers out, RAX back. Blocks until the host answers."""
+        self.seq = seq = self.seq + 1
+        t0 = time.perf_counter_ns()
+        raw = self.doorbell.call(pack_hypercall(self.vcpu, seq, nr, a0, a1, a2), "hypercall", seq)
+        self.latencies_ns.append(time.perf_counter_ns() - t0)
+        reply = unpack(raw)
+        if type(reply) is Return and reply.seq == seq:
+            return reply.ret
+        if isinstance(reply, Reject):
+            raise GuestError(f"host rejected hypercall {seq}: {reply.reason}")
+        raise GuestError(f"host answered hypercall {seq} with {reply!r}")
+
+    def start_measuring(self) -> None:
+        self.pv.reset_counters()
+        self.latencies_ns = array("q")
+        self.doorbell.rung = 0
+
+    def measured(self, wall_s: float) -> dict[str, Any]:
+        pv = self.pv
+        lat = sorted(self.latencies_ns)
+        total = pv.ops_total
+        return {
+            "vcpu": self.vcpu,
+            "ops": {**pv.ops, "total": total},
+            "hypercalls": pv.hypercalls,
+            "doorbells": self.doorbell.rung,
+            "flushes": pv.flushes,
+            "wall_s": wall_s,
+            "ops_per_s": total / wall_s if wall_s > 0 else 0.0,
+            "hypercall_latency_us": {
+                "p50": percentile(lat, 50) / 1000,
+                "p99": percentile(lat, 99) / 1000,
+                "mean": (sum(lat) / len(lat) / 1000) if lat else 0.0,
+            },
+        }
+
+    def bye(self) -> None:
+        self.doorbell.call(pack_bye(self.vcpu), "bye")
+
+    def close(self) -> None:
+        # Drop every view of guest memory before unmapping it; never unlink it.
+        if self.memory is not None:
+            self.__dict__.pop("pv", None)
+            self.__dict__.pop("kernel", None)
+            self.memory.close()
+            self.memory = None
+        self.doorbell.close()

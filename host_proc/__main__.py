@@ -1,0 +1,111 @@
+"""``python -m host_proc``: the host process (KVM's side of the pair).
+
+It creates guest memory (``/dev/shm/pvmmu-*``, 0600), binds the doorbell, prints
+one JSON line ``{"event": "ready", ...}`` on stdout, and serves hypercalls until
+told to shut down, its supervisor dies, or a signal arrives. It unlinks guest
+memory on every one of those paths.
+
+Exit status: 0 after a shutdown request; 1 when its supervisor vanished or
+start-up failed; 128 + N after signal N (130 for SIGINT, 143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import click
+import zmq
+
+from host_proc.kvm import Kvm
+from host_proc.shell import HostShell
+from protocol.abi import KVM_PV_MMU_OP_BUFFER
+from protocol.layout import MAX_VCPUS, Layout, LayoutError
+from pvmmu.doorbell import HostDoorbell
+from pvmmu.liveness import PidWatch, Terminated, die_with_parent, install_signal_handlers
+from pvmmu.options import io_thread_option, parent_pid_option
+from pvmmu.shm import GuestMemory, SharedMemoryError
+
+_TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--endpoint", required=True, help="ZeroMQ endpoint to bind, e.g. ipc:///tmp/pvmmu-x/doorbell.")
+@click.option("--vcpus", type=click.IntRange(1, MAX_VCPUS), default=1, show_default=True, help="vCPUs the guest has.")
+@click.option("--mem-mb", type=click.IntRange(8, 65536), default=256, show_default=True, help="Guest memory, MiB.")
+@click.option(
+    "--host-limit",
+    type=click.IntRange(8, 1 << 20),
+    default=KVM_PV_MMU_OP_BUFFER,
+    show_default=True,
+    help="Bytes of op buffer the host copies per hypercall (2.6.26: 512).",
+)
+@io_thread_option
+@parent_pid_option
+@click.option("--token-stdin", is_flag=True, help="Read the supervisor's control token from the first stdin line.")
+def main(
+    endpoint: str, vcpus: int, mem_mb: int, host_limit: int, io_thread: str, parent_pid: int | None, token_stdin: bool
+) -> None:
+    """Run the host: guest memory, shadow MMU, KVM_HC_MMU_OP handler."""
+    install_signal_handlers()
+    die_with_parent(parent_pid)
+    code = 1
+    memory = None
+    try:
+        token = sys.stdin.readline().strip() if token_stdin else None
+        layout = Layout(mem_mb << 20, vcpus)
+        memory = GuestMemory.create(layout.mem_bytes)
+        header = layout.header_bytes()
+        memory.buf[: len(header)] = header
+        kvm = Kvm(memory.buf, layout, host_limit)
+        doorbell = HostDoorbell(endpoint, batch_io=io_thread == "batch")
+        try:
+            shell = HostShell(
+                kvm,
+                doorbell,
+                memory.name,
+                os.getpid(),
+                memory.discard,
+                token=token,
+                parent=PidWatch(parent_pid) if parent_pid else None,
+            )
+            _emit(
+                {
+                    "event": "ready",
+                    "pid": os.getpid(),
+                    "shm": memory.name,
+                    "endpoint": endpoint,
+                    "mem_bytes": layout.mem_bytes,
+                    "vcpus": vcpus,
+                    "host_limit": host_limit,
+                }
+            )
+            shell.serve()
+            code = 0 if shell.exit_reason == "shutdown" else 1
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)  # tear down without interruption
+            doorbell.close()
+    except Terminated as t:
+        code = t.exit_code
+    except (LayoutError, SharedMemoryError) as exc:
+        print(f"pvmmu host: {exc}", file=sys.stderr)
+        code = 1
+    except zmq.ZMQError as exc:  # e.g. the endpoint is taken or its directory is missing
+        print(f"pvmmu host: cannot bind {endpoint}: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)
+        if memory is not None:
+            memory.unlink()
+    sys.exit(code)
+
+
+def _emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""The host process around the ``Kvm`` core: guest memory, the doorbell loop, vCPU liveness.
+
+Thin on purpose: it owns the shared-memory segment and the ROUTER socket, turns
+doorbell messages into ``Kvm.kvm_emulate_hypercall`` calls and back, and watches
+its peers through pidfds. Everything a guest sends is hostile input: a message
+that is not valid gets a REJECT reply, is counted, is logged the first time its
+reason is seen, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import hmac
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from host_proc.kvm import Kvm
+from protocol.layout import MAX_QUEUE_BYTES
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Bye,
+    Control,
+    Hello,
+    Hypercall,
+    MessageError,
+    pack_control_reply,
+    pack_reject,
+    pack_return,
+    pack_welcome,
+    unpack,
+)
+from pvmmu.doorbell import HostDoorbell
+from pvmmu.liveness import PidWatch
+
+HOUSEKEEPING_S = 0.1
+
+
+@dataclass
+class VcpuPeer:
+    """A vCPU that said hello: where its replies go and how to tell it died."""
+
+    vcpu: int
+    identity: bytes
+    pid: int
+    watch: PidWatch
+    seq: int = 0  # the last hypercall sequence number served
+
+
+class HostShell:
+    def __init__(
+        self,
+        kvm: Kvm,
+        doorbell: HostDoorbell,
+        shm_name: str,
+        host_pid: int,
+        discard: Callable[[int, int], None],
+        token: str | None = None,
+        parent: PidWatch | None = None,
+        log: TextIO = sys.stderr,
+    ) -> None:
+        self.kvm = kvm
+        self.doorbell = doorbell
+        self.shm_name = shm_name
+        self.discard = discard  # zero a range of guest memory
+        self.used: set[int] = set()  # vCPU slots that have been attached at some point
+        self.host_pid = host_pid
+        self.token = token
+        self.parent = parent
+        self.log = log
+        self.vcpus: dict[int, VcpuPeer] = {}
+        self.rejected: dict[str, int] = {}
+        self.departed: list[dict[str, Any]] = []  # vCPUs that died without saying bye
+        self.running = True
+        self.exit_reason = "shutdown"
+        self._logged_refusals = 0
+
+    # -- the loop ----------------------------------------------------------------
+
+    def serve(self) -> None:
+        next_housekeeping = time.monotonic() + HOUSEKEEPING_S
+        recv, handle = self.doorbell.recv, self.handle
+        while self.running:
+            item = recv()
+            if item is not None:
+                handle(*item)
+            now = time.monotonic()
+            if item is None or now >= next_housekeeping:
+                self.housekeeping()
+                next_housekeeping = now + HOUSEKEEPING_S
+
+    def housekeeping(self) -> None:
+        refusals = self.kvm.first_refusals
+        while self._logged_refusals < len(refusals):
+            self._say(f"refused an op: {refusals[self._logged_refusals]} (more like it are counted)")
+            self._logged_refusals += 1
+        if self.parent is not None and not self.parent.alive():
+            self._say(f"supervisor (pid {self.parent.pid}) is gone; shutting down")
+            self.exit_reason = "parent gone"
+            self.running = False
+        for peer in list(self.vcpus.values()):
+            if not peer.watch.alive():
+                self._say(f"vCPU {peer.vcpu} (pid {peer.pid}) died; freeing its state")
+                self.departed.append({"vcpu": peer.vcpu, "pid": peer.pid, "last_seq": peer.seq})
+                self._drop(peer)
+
+    def handle(self, envelope: list[bytes], payload: bytes) -> None:
+        identity = envelope[0] if envelope else b""
+        try:
+            msg = unpack(payload)
+        except MessageError as exc:
+            self._reject(envelope, None, "malformed message", str(exc))
+            return
+        kind = type(msg)
+        if kind is Hypercall:
+            peer = self.vcpus.get(msg.vcpu)
+            if peer is None or peer.identity != identity:
+                self._reject(envelope, msg.seq, "hypercall from a vCPU that has not said hello", f"vCPU {msg.vcpu}")
+                return
+            if msg.seq != peer.seq + 1:
+                self._reject(
+                    envelope, msg.seq, "hypercall out of sequence", f"vCPU {msg.vcpu}: {msg.seq} after {peer.seq}"
+                )
+                return
+            peer.seq = msg.seq
+            ret = self.kvm.kvm_emulate_hypercall(msg.vcpu, msg.nr, msg.a0, msg.a1, msg.a2)
+            self.doorbell.send(envelope, pack_return(msg.seq, ret))
+        elif kind is Hello:
+            self._hello(envelope, identity, msg)
+        elif kind is Bye:
+            peer = self.vcpus.get(msg.vcpu)
+            if peer is None or peer.identity != identity:
+                self._reject(envelope, None, "bye from a vCPU that is not attached", f"vCPU {msg.vcpu}")
+                return
+            self._drop(peer)
+            self.doorbell.send(envelope, pack_return(0, 0))
+        elif kind is Control:
+            self._control(envelope, msg)
+        else:
+            self._reject(envelope, None, "not a request the host serves", kind.__name__)
+
+    # -- messages ------------------------------------------------------------------
+
+    def _hello(self, envelope: list[bytes], identity: bytes, msg: Hello) -> None:
+        if msg.version != PROTOCOL_VERSION:
+            self._reject(envelope, None, "wrong protocol version", f"{msg.version}, host speaks {PROTOCOL_VERSION}")
+            return
+        layout = self.kvm.layout
+        if msg.vcpu >= layout.vcpus:
+            self._reject(envelope, None, "no such vCPU", f"vCPU {msg.vcpu} (guest has {layout.vcpus})")
+            return
+        old = self.vcpus.get(msg.vcpu)
+        if old is not None:
+            if old.watch.alive() and old.identity != identity:
+                self._reject(envelope, None, "vCPU already attached", f"vCPU {msg.vcpu} (pid {old.pid})")
+                return
+            self._drop(old)
+        watch = PidWatch(msg.pid)
+        if not watch.alive():
+            self._reject(envelope, None, "hello from a process that does not exist", f"pid {msg.pid}")
+            return
+        if msg.vcpu in self.used:
+            # The slot ran a vCPU before: give the new one blank memory, as a fresh guest has.
+            gpa, nbytes = self.kvm.reset_vcpu_pool(msg.vcpu)
+            self.discard(gpa, nbytes)
+        self.used.add(msg.vcpu)
+        self.vcpus[msg.vcpu] = VcpuPeer(msg.vcpu, identity, msg.pid, watch)
+        area = layout.vcpu_area(msg.vcpu, 24)
+        self.doorbell.send(
+            envelope,
+            pack_welcome(
+                {
+                    "shm": self.shm_name,
+                    "mem_bytes": layout.mem_bytes,
+                    "vcpus": layout.vcpus,
+                    "vcpu": msg.vcpu,
+                    "queue_gpa": area.queue_gpa,
+                    "max_queue_bytes": MAX_QUEUE_BYTES,
+                    "stack_gpa": area.stack_gpa,
+                    "pool_gpa": area.pool_gpa,
+                    "pool_bytes": area.pool_bytes,
+                    "host_limit": self.kvm.host_limit,
+                    "host_pid": self.host_pid,
+                }
+            ),
+        )
+
+    def _control(self, envelope: list[bytes], msg: Control) -> None:
+        if self.token is None or not hmac.compare_digest(msg.token, self.token):
+            self._reject(envelope, None, "control message with a wrong token")
+            return
+        result: dict[str, Any]
+        if msg.command == "reset":
+            self.kvm.reset_counters()
+            self._logged_refusals = 0
+            result = {}
+        elif msg.command == "stats":
+            result = self.stats()
+        elif msg.command == "check":
+            c = self.kvm.check()
+            result = {
+                "ok": c.ok,
+                "pages": c.pages,
+                "entries": c.entries,
+                "mismatches": c.mismatches,
+                "stale_tlb": c.stale_tlb,
+                "examples": c.examples,
+                "digests": c.digests,
+            }
+        elif msg.command == "shutdown":
+            self.running = False
+            result = {}
+        else:
+            self._reject(envelope, None, "unknown control command", repr(msg.command)[:40])
+            return
+        self.doorbell.send(envelope, pack_control_reply(msg.command, result))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "totals": self.kvm.totals().as_dict(),
+            "per_vcpu": {str(v): c.as_dict() for v, c in sorted(self.kvm.counters.items())},
+            "tlb_flushes": self.kvm.shadow.tlb_flushes,
+            "refusals": list(self.kvm.first_refusals),
+            "rejected": dict(self.rejected),
+            "attached": sorted(self.vcpus),
+            "departed": list(self.departed),
+        }
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _reject(self, envelope: list[bytes], seq: int | None, category: str, detail: str = "") -> None:
+        """Refuse a message: count it under a fixed category, log the first of each, answer."""
+        reason = f"{category}: {detail}"[:200] if detail else category
+        n = self.rejected.get(category, 0)
+        self.rejected[category] = n + 1
+        if n == 0:
+            self._say(f"rejected a message: {reason} (more like it are counted, not logged)")
+        if envelope:
+            self.doorbell.send(envelope, pack_reject(seq, reason))
+
+    def _drop(self, peer: VcpuPeer) -> None:
+        self.vcpus.pop(peer.vcpu, None)
+        peer.watch.close()
+        self.kvm.forget_vcpu(peer.vcpu)
+
+    def _say(self, text: str) -> None:
+        print(f"pvmmu host[{self.host_pid}]: {text}", file=self.log, flush=True)

@@ -1,0 +1,61 @@
+"""pvmmu's protocol core: the KVM_HC_MMU_OP ABI, the doorbell messages, the memory layout.
+
+No I/O here (the sans-IO style of h11): bytes in, ops out. Host, guest and tools
+all take their byte layouts from this package.
+"""
+
+from protocol.abi import (
+    HEADER,
+    KVM_E2BIG,
+    KVM_EFAULT,
+    KVM_EINVAL,
+    KVM_ENOSYS,
+    KVM_EPERM,
+    KVM_HC_MMU_OP,
+    KVM_MMU_OP_FLUSH_TLB,
+    KVM_MMU_OP_RELEASE_PT,
+    KVM_MMU_OP_WRITE_PTE,
+    KVM_PV_MMU_OP_BUFFER,
+    MMU_QUEUE_SIZE,
+    OP_NAME,
+    OP_SIZE,
+    FlushTlb,
+    Op,
+    ProtocolError,
+    ReleasePt,
+    WritePte,
+    decode,
+    describe_op,
+    encode,
+    errno_name,
+    iter_ops,
+    peek_op,
+)
+
+__all__ = [
+    "HEADER",
+    "KVM_E2BIG",
+    "KVM_EFAULT",
+    "KVM_EINVAL",
+    "KVM_ENOSYS",
+    "KVM_EPERM",
+    "KVM_HC_MMU_OP",
+    "KVM_MMU_OP_FLUSH_TLB",
+    "KVM_MMU_OP_RELEASE_PT",
+    "KVM_MMU_OP_WRITE_PTE",
+    "KVM_PV_MMU_OP_BUFFER",
+    "MMU_QUEUE_SIZE",
+    "OP_NAME",
+    "OP_SIZE",
+    "FlushTlb",
+    "Op",
+    "ProtocolError",
+    "ReleasePt",
+    "WritePte",
+    "decode",
+    "describe_op",
+    "encode",
+    "errno_name",
+    "iter_ops",
+    "peek_op",
+]

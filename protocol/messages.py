@@ -1,0 +1,239 @@
+"""The doorbell: msgpack messages that stand in for the hypercall instruction.
+
+Every message is one msgpack array whose first element is its type. A guest vCPU
+talks request/reply: it sends one message and blocks until the host answers::
+
+    guest -> host   [HELLO, version, vcpu, pid]
+    host -> guest   [WELCOME, version, {shm, mem_bytes, vcpu, queue_gpa, stack_gpa,
+                                        pool_gpa, pool_bytes, host_limit, host_pid}]
+    guest -> host   [HYPERCALL, vcpu, seq, nr, a0, a1, a2]     (the VM exit)
+    host -> guest   [RETURN, seq, ret]                          (RAX on VM entry)
+    guest -> host   [BYE, vcpu]                                 (vCPU goes away)
+    host -> guest   [RETURN, 0, 0]
+    host -> any     [REJECT, seq or nil, reason]                (malformed message)
+
+For ``KVM_HC_MMU_OP`` the registers are ``a0 = len``, ``a1 = gpa & 0xffffffff``,
+``a2 = gpa >> 32``; ``ret`` is the bytes the host processed or ``-KVM_E*``.
+``seq`` counts a vCPU's hypercalls from 1, so the host can tell a lost or replayed
+message from a new one.
+
+The supervisor drives the host over the same socket with
+``[CONTROL, token, command, args]`` answered by ``[CONTROL_REPLY, command, result]``;
+the token is a secret the supervisor hands the host on its stdin.
+
+Pure: encoding, decoding and validation only; the sockets are in the shells.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+MSG_HELLO = 1
+MSG_WELCOME = 2
+MSG_HYPERCALL = 3
+MSG_RETURN = 4
+MSG_BYE = 5
+MSG_REJECT = 6
+MSG_CONTROL = 7
+MSG_CONTROL_REPLY = 8
+
+# Nothing legitimate comes close; the host's socket refuses anything larger.
+MAX_MESSAGE_BYTES = 4096
+
+_I64_MIN = -(1 << 63)
+_U64_MAX = (1 << 64) - 1
+
+WELCOME_FIELDS = (
+    "shm",
+    "mem_bytes",
+    "vcpu",
+    "queue_gpa",
+    "stack_gpa",
+    "pool_gpa",
+    "pool_bytes",
+    "host_limit",
+    "host_pid",
+)
+
+
+class MessageError(ValueError):
+    """A doorbell message that is not one this protocol defines."""
+
+
+class Hello(NamedTuple):
+    version: int
+    vcpu: int
+    pid: int
+
+
+class Welcome(NamedTuple):
+    version: int
+    info: dict[str, Any]
+
+
+class Hypercall(NamedTuple):
+    vcpu: int
+    seq: int
+    nr: int
+    a0: int
+    a1: int
+    a2: int
+
+
+class Return(NamedTuple):
+    seq: int
+    ret: int
+
+
+class Bye(NamedTuple):
+    vcpu: int
+
+
+class Reject(NamedTuple):
+    seq: int | None
+    reason: str
+
+
+class Control(NamedTuple):
+    token: str
+    command: str
+    args: dict[str, Any]
+
+
+class ControlReply(NamedTuple):
+    command: str
+    result: dict[str, Any]
+
+
+Message = Hello | Welcome | Hypercall | Return | Bye | Reject | Control | ControlReply
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def pack_hello(vcpu: int, pid: int) -> bytes:
+    return _pack([MSG_HELLO, PROTOCOL_VERSION, vcpu, pid])
+
+
+def pack_welcome(info: dict[str, Any]) -> bytes:
+    return _pack([MSG_WELCOME, PROTOCOL_VERSION, info])
+
+
+def pack_hypercall(vcpu: int, seq: int, nr: int, a0: int, a1: int, a2: int) -> bytes:
+    return _pack([MSG_HYPERCALL, vcpu, seq, nr, a0, a1, a2])
+
+
+def pack_return(seq: int, ret: int) -> bytes:
+    return _pack([MSG_RETURN, seq, ret])
+
+
+def pack_bye(vcpu: int) -> bytes:
+    return _pack([MSG_BYE, vcpu])
+
+
+def pack_reject(seq: int | None, reason: str) -> bytes:
+    return _pack([MSG_REJECT, seq, reason])
+
+
+def pack_control(token: str, command: str, args: dict[str, Any] | None = None) -> bytes:
+    return _pack([MSG_CONTROL, token, command, args or {}])
+
+
+def pack_control_reply(command: str, result: dict[str, Any]) -> bytes:
+    return _pack([MSG_CONTROL_REPLY, command, result])
+
+
+def _int(value: Any, what: str, lo: int = 0, hi: int = _U64_MAX) -> int:
+    # bool is an int subclass; msgpack true/false is not a register value.
+    if type(value) is not int or not lo <= value <= hi:
+        raise MessageError(f"{what} must be an integer in [{lo}, {hi}], not {value!r}")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if type(value) is not str:
+        raise MessageError(f"{what} must be a string, not {value!r}")
+    return value
+
+
+def _map(value: Any, what: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise MessageError(f"{what} must be a map, not {value!r}")
+    return value
+
+
+def _arity(msg: list, n: int, name: str) -> None:
+    if len(msg) != n:
+        raise MessageError(f"{name} message has {len(msg)} elements, expected {n}")
+
+
+def unpack(data: bytes) -> Message:
+    """Decode and validate one doorbell message; MessageError says what is wrong."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        msg = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_MESSAGE_BYTES,
+            max_bin_len=MAX_MESSAGE_BYTES,
+            max_array_len=64,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MessageError(f"not a msgpack message: {type(exc).__name__}: {exc}") from None
+    if type(msg) is not list or not msg:
+        raise MessageError(f"a message is a non-empty msgpack array, not {type(msg).__name__}")
+    kind = msg[0]
+    if kind == MSG_HYPERCALL and type(kind) is int:
+        _arity(msg, 7, "hypercall")
+        return Hypercall(
+            _int(msg[1], "vcpu", 0, 1 << 31),
+            _int(msg[2], "seq"),
+            _int(msg[3], "hypercall nr"),
+            _int(msg[4], "a0"),
+            _int(msg[5], "a1"),
+            _int(msg[6], "a2"),
+        )
+    if kind == MSG_RETURN and type(kind) is int:
+        _arity(msg, 3, "return")
+        return Return(_int(msg[1], "seq"), _int(msg[2], "ret", _I64_MIN, _U64_MAX))
+    if kind == MSG_HELLO and type(kind) is int:
+        _arity(msg, 4, "hello")
+        return Hello(_int(msg[1], "version"), _int(msg[2], "vcpu", 0, 1 << 31), _int(msg[3], "pid"))
+    if kind == MSG_WELCOME and type(kind) is int:
+        _arity(msg, 3, "welcome")
+        info = _map(msg[2], "welcome info")
+        missing = [f for f in WELCOME_FIELDS if f not in info]
+        if missing:
+            raise MessageError(f"welcome lacks {', '.join(missing)}")
+        return Welcome(_int(msg[1], "version"), info)
+    if kind == MSG_BYE and type(kind) is int:
+        _arity(msg, 2, "bye")
+        return Bye(_int(msg[1], "vcpu", 0, 1 << 31))
+    if kind == MSG_REJECT and type(kind) is int:
+        _arity(msg, 3, "reject")
+        seq = None if msg[1] is None else _int(msg[1], "seq")
+        return Reject(seq, _str(msg[2], "reason"))
+    if kind == MSG_CONTROL and type(kind) is int:
+        _arity(msg, 4, "control")
+        return Control(_str(msg[1], "token"), _str(msg[2], "command"), _map(msg[3], "args"))
+    if kind == MSG_CONTROL_REPLY and type(kind) is int:
+        _arity(msg, 3, "control reply")
+        return ControlReply(_str(msg[1], "command"), _map(msg[2], "result"))
+    raise MessageError(f"unknown message type {kind!r}")
+
+
+def gpa_args(gpa: int) -> tuple[int, int]:
+    """The (a1, a2) register pair that carries a 64-bit gpa."""
+    return gpa & 0xFFFFFFFF, gpa >> 32
+
+
+def hc_gpa(a1: int, a2: int) -> int:
+    """The gpa in registers a1 (low 32 bits) and a2 (high 32 bits), as KVM's hc_gpa()."""
+    return (a1 & 0xFFFFFFFF) | ((a2 & 0xFFFFFFFF) << 32)

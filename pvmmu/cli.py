@@ -1,0 +1,104 @@
+"""``pvmmu``: the command line.
+
+Exit status, for every command: 0 success; 1 the run finished but its final
+state is inconsistent; 2 bad usage; 3 the run could not be completed (a process
+died, a peer went silent, the host refused an op); 130 / 143 interrupted by
+SIGINT / SIGTERM, after an orderly teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from guest_proc.paravirt import MODES
+from guest_proc.workloads import WORKLOADS
+from protocol.abi import KVM_PV_MMU_OP_BUFFER, MMU_QUEUE_SIZE
+from protocol.layout import MAX_QUEUE_BYTES, MAX_VCPUS
+from pvmmu import __version__
+from pvmmu.liveness import Terminated, install_signal_handlers
+from pvmmu.options import io_thread_option
+from pvmmu.report import format_run
+from pvmmu.shm import list_segments, sweep_stale
+from pvmmu.supervisor import EXIT_INCONSISTENT, RunConfig, RunError, run_pair
+
+
+def run_options(f: Any) -> Any:
+    """The options every command that launches pairs shares."""
+    options = [
+        click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="writes", show_default=True,
+                     help="Guest MMU work: writes (N write_pte in one lazy section), fork, exit."),
+        click.option("--ops", type=click.IntRange(1), default=10000, show_default=True,
+                     help="Size: write_pte count for writes; resident pages for fork and exit."),
+        click.option("--seed", type=int, default=1, show_default=True, help="Seed of the workload's randomness."),
+        click.option("--queue-bytes", type=click.IntRange(24, MAX_QUEUE_BYTES), default=MMU_QUEUE_SIZE,
+                     show_default=True, help="Guest per-vCPU mmu_queue size (the patch: 1024)."),
+        click.option("--host-limit", type=click.IntRange(24, 1 << 20), default=KVM_PV_MMU_OP_BUFFER,
+                     show_default=True, help="Bytes the host copies per hypercall (2.6.26: 512)."),
+        click.option("--vcpus", type=click.IntRange(1, MAX_VCPUS), default=1, show_default=True,
+                     help="Guest vCPU processes."),
+        click.option("--mem-mb", type=click.IntRange(8, 65536), default=256, show_default=True,
+                     help="Guest memory in MiB (sparse: untouched pages cost nothing)."),
+        io_thread_option,
+        click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+                     help="Seconds any process may stay silent before the run fails."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pvmmu")
+def main() -> None:
+    """Measure what batching paravirtual MMU ops into one hypercall buys.
+
+    pvmmu runs a guest and a host as real processes: guest memory is POSIX
+    shared memory, the hypercall is a ZeroMQ doorbell, and op buffers are the
+    byte layouts of Linux's KVM_HC_MMU_OP. It counts the context switches of
+    every thread of both.
+    """
+    install_signal_handlers()
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(MODES), default="multicall", show_default=True,
+              help="direct: one hypercall per op (before the patch); queued: ops queued in lazy mode, "
+                   "one hypercall each at the flush; multicall: the whole queue per hypercall (the patch).")  # fmt: skip
+@run_options
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as one JSON object.")
+def run(as_json: bool, **kwargs: Any) -> None:
+    """Run one guest/host pair on a workload and report counts and switches."""
+    cfg = RunConfig(**kwargs)
+    record = _guarded(lambda: run_pair(cfg))
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    else:
+        click.echo(format_run(record))
+    if not record["consistent"]:
+        sys.exit(EXIT_INCONSISTENT)
+
+
+@main.command()
+def clean() -> None:
+    """Remove shared-memory segments left by runs whose host was killed."""
+    removed = sweep_stale()
+    for name in removed:
+        click.echo(f"removed /dev/shm/{name}")
+    live = list_segments()
+    click.echo(f"{len(removed)} stale segment(s) removed; {len(live)} in use by running hosts")
+
+
+def _guarded(action: Any) -> Any:
+    """Run ``action``; turn expected failures into a message and an exit status, never a traceback."""
+    try:
+        return action()
+    except RunError as exc:
+        click.echo(f"pvmmu: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Terminated as t:
+        click.echo(f"pvmmu: {t}; the pair was torn down", err=True)
+        sys.exit(t.exit_code)

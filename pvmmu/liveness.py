@@ -1,0 +1,84 @@
+"""Knowing when a peer is gone, from the operating system rather than from silence.
+
+- ``PidWatch`` holds a pidfd (Linux 5.3+): it becomes readable the moment the
+  process exits, so "is the host still there?" is one non-blocking poll, and a
+  dead peer is told apart from a slow one.
+- ``die_with_parent`` asks the kernel for SIGTERM when the supervisor dies
+  (PR_SET_PDEATHSIG), so host and guest tear down instead of lingering.
+- ``install_signal_handlers`` turns SIGTERM/SIGINT/SIGHUP into a ``Terminated``
+  exception, so every process unwinds through its ``finally`` blocks and exits
+  with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+
+PR_SET_PDEATHSIG = 1
+
+
+class Terminated(BaseException):
+    """A terminating signal arrived; unwind and exit with ``exit_code``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class PeerGone(RuntimeError):
+    """A process this one depends on has exited."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _raise_terminated)
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """SIGTERM this process when its parent dies; at once if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the pidfd watch below still notices
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class PidWatch:
+    """Watch one process through a pidfd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.fd = None  # already gone
+
+    def alive(self) -> bool:
+        if self.fd is None:
+            return False
+        r, _, _ = select.select([self.fd], [], [], 0)
+        return not r
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,47 @@
+"""Human-readable summaries of run records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _threads(part: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {t['voluntary'] + t['involuntary']}" for name, t in part["threads"].items())
+
+
+def _si(x: float) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f} k"
+    return f"{x:.0f} "
+
+
+def format_run(r: dict[str, Any]) -> str:
+    ops = r["ops"]
+    cs = r["ctx_switches"]
+    lat = r["hypercall_latency_us"]
+    theory = r.get("theory")
+    th = f"; theory {theory['ops_per_hypercall']:.1f}" if theory else ""
+    lines = [
+        f"pvmmu run: mode {r['mode']}, workload {r['workload']} (size {r['size']}, seed {r['seed']}), "
+        f"{r['vcpus']} vCPU{'s' if r['vcpus'] != 1 else ''}, queue {r['queue_bytes']} B, "
+        f"host limit {r['host_limit']} B",
+        f"  ops          {ops['total']}  (write_pte {ops['write_pte']}, flush_tlb {ops['flush_tlb']}, "
+        f"release_pt {ops['release_pt']})",
+        f"  hypercalls   {r['hypercalls']}  ({r['ops_per_hypercall']:.1f} ops each{th}), doorbells {r['doorbells']}",
+        f"  time         {r['wall_s']:.3f} s, {_si(r['ops_per_s'])}ops/s, "
+        f"hypercall round trip p50 {lat['p50']:.1f} us, p99 {lat['p99']:.1f} us",
+        f"  switches     guest {cs['guest']['total']} ({_threads(cs['guest'])})",
+        f"               host  {cs['host']['total']} ({_threads(cs['host'])})",
+        f"               total {cs['total']}, {cs['per_op']:.3f} per op",
+    ]
+    if r["consistent"]:
+        lines.append(
+            f"  consistent   yes: host shadow, guest memory and the guest's page tables agree "
+            f"({r['host']['shadow']['entries']} entries, digest {r['digest'][:12]})"
+        )
+    else:
+        lines.append("  consistent   NO")
+        lines += [f"    - {p}" for p in r["problems"]]
+    return "\n".join(lines)
