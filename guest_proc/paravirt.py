@@ -24,6 +24,7 @@ slot's "stack" page, as the kernel built them on its stack.
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Callable
 
 from protocol.abi import (
@@ -40,6 +41,7 @@ from protocol.abi import (
     peek_op,
 )
 from protocol.layout import PAGE_SIZE, PARA_STATE_TAIL, VcpuArea
+from protocol.theory import SHAPE_ENTER, SHAPE_LEAVE, SHAPE_RELEASE_PT
 from protocol.x86 import ENTRY_BYTES, PTRS_PER_TABLE
 
 MODES = ("direct", "queued", "multicall")
@@ -86,6 +88,9 @@ class KvmParaState:
         self.ops = {"write_pte": 0, "flush_tlb": 0, "release_pt": 0}
         self.hypercalls = 0
         self.flushes = 0  # mmu_queue_flush calls that had something to flush
+        # The op stream's shape, a byte per event, whatever the mode: sizes of deferrable
+        # ops, release_pt, lazy section boundaries. protocol.theory prices it on paper.
+        self.shape = array("b")
 
     # -- the patch ---------------------------------------------------------------
 
@@ -125,6 +130,7 @@ class KvmParaState:
     def kvm_mmu_write(self, dest: int, val: int) -> None:
         """Set the page-table entry at guest-physical ``dest`` (set_pte, set_pmd, pte_clear, ...)."""
         self.ops["write_pte"] += 1
+        self.shape.append(24)
         if val:
             self.intent[dest] = val
         else:
@@ -133,11 +139,13 @@ class KvmParaState:
 
     def kvm_flush_tlb(self) -> None:
         self.ops["flush_tlb"] += 1
+        self.shape.append(8)
         self.kvm_deferred_mmu_op(FLUSH_TLB, KVM_MMU_OP_FLUSH_TLB, 0)
 
     def kvm_release_pt(self, pt_phys: int) -> None:
         """The page at ``pt_phys`` stops being a page table. Never deferred, as in the patch."""
         self.ops["release_pt"] += 1
+        self.shape.append(SHAPE_RELEASE_PT)
         page = pt_phys & ~(PAGE_SIZE - 1)
         for gpa in range(page, page + PAGE_SIZE, ENTRY_BYTES):
             self.intent.pop(gpa, None)
@@ -145,11 +153,13 @@ class KvmParaState:
         self.kvm_mmu_op(self.stack_gpa, RELEASE_PT.size)
 
     def kvm_enter_lazy_mmu(self) -> None:
+        self.shape.append(SHAPE_ENTER)
         if self.mode != "direct":  # the kernel before the patch had no lazy MMU hooks
             self.lazy_mode = PARAVIRT_LAZY_MMU
             self._store_state()
 
     def kvm_leave_lazy_mmu(self) -> None:
+        self.shape.append(SHAPE_LEAVE)
         self.mmu_queue_flush()
         self.lazy_mode = PARAVIRT_LAZY_NONE
         self._store_state()

@@ -26,6 +26,7 @@ from protocol.messages import (
     pack_hypercall,
     unpack,
 )
+from protocol.theory import hypercalls_for_shape
 from pvmmu.doorbell import CallerDoorbell
 from pvmmu.shm import GuestMemory
 
@@ -110,9 +111,11 @@ class GuestSession:
         pv = self.pv
         lat = sorted(self.latencies_ns)
         total = pv.ops_total
+        theory = hypercalls_for_shape(pv.shape, pv.mode, pv.queue_bytes, self.welcome["host_limit"])
         return {
             "vcpu": self.vcpu,
             "ops": {**pv.ops, "total": total},
+            "theory_hypercalls": theory,
             "hypercalls": pv.hypercalls,
             "doorbells": self.doorbell.rung,
             "flushes": pv.flushes,

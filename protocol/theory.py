@@ -13,6 +13,12 @@ from protocol.abi import WRITE_PTE
 
 MODES = ("direct", "queued", "multicall")
 
+# An op stream's shape (what the guest records, a signed byte per event): the size of a
+# deferrable op (24 write_pte, 8 flush_tlb), or one of these markers.
+SHAPE_RELEASE_PT = -16  # never deferred
+SHAPE_ENTER = 1  # kvm_enter_lazy_mmu
+SHAPE_LEAVE = 2  # kvm_leave_lazy_mmu
+
 
 def hypercalls_for_flush(op_sizes: Iterable[int], host_limit: int) -> int:
     """Hypercalls ``kvm_mmu_op()`` needs to hand one queued buffer to the host.
@@ -77,3 +83,38 @@ def ops_per_hypercall(queue_bytes: int, host_limit: int, op_size: int = WRITE_PT
     if per_call == 0:
         raise ValueError(f"an op of {op_size} bytes never fits queue {queue_bytes} / limit {host_limit}")
     return per_queue / -(-per_queue // per_call)
+
+
+def hypercalls_for_shape(shape: Iterable[int], mode: str, queue_bytes: int, host_limit: int) -> int:
+    """Hypercalls an op stream of this shape needs in ``mode``, worked out on paper.
+
+    direct and queued: one per op. multicall: ops outside lazy sections and every
+    release_pt go one per call; inside a lazy section ops fill the queue, which is
+    flushed when the next op would not fit and when the section ends, each flush
+    taking ``hypercalls_for_flush`` calls.
+    """
+    if mode in ("direct", "queued"):
+        return sum(1 for e in shape if e not in (SHAPE_ENTER, SHAPE_LEAVE))
+    if mode != "multicall":
+        raise ValueError(f"no theory for mode {mode!r}")
+    calls = 0
+    lazy = False
+    queued: list[int] = []
+    used = 0
+    for e in shape:
+        if e == SHAPE_ENTER:
+            lazy = True
+        elif e == SHAPE_LEAVE:
+            calls += hypercalls_for_flush(queued, host_limit)
+            queued, used, lazy = [], 0, False
+        elif e == SHAPE_RELEASE_PT:
+            calls += 1
+        elif not lazy:
+            calls += hypercalls_for_flush([e], host_limit)
+        else:
+            if used + e > queue_bytes:
+                calls += hypercalls_for_flush(queued, host_limit)
+                queued, used = [], 0
+            queued.append(e)
+            used += e
+    return calls + hypercalls_for_flush(queued, host_limit)

@@ -28,7 +28,6 @@ from typing import Any
 
 from protocol.abi import KVM_PV_MMU_OP_BUFFER, MMU_QUEUE_SIZE
 from protocol.messages import ControlReply, Reject, pack_control, unpack
-from protocol.theory import write_pte_hypercalls
 from pvmmu import ctxsw
 from pvmmu.doorbell import CallerDoorbell
 from pvmmu.liveness import PidWatch
@@ -354,10 +353,10 @@ def build_record(
     if host_ops != ops or host_stats["totals"]["hypercalls"] != hypercalls:
         problems.append(f"host applied {host_ops['total']} ops in {host_stats['totals']['hypercalls']} hypercalls, "
                         f"guests issued {ops['total']} in {hypercalls}")  # fmt: skip
-    theory = None
-    if cfg.workload == "writes":
-        th = write_pte_hypercalls(cfg.ops, cfg.mode, cfg.queue_bytes, cfg.host_limit) * cfg.vcpus
-        theory = {"hypercalls": th, "ops_per_hypercall": ops["total"] / th}
+    theory_hcs = sum(d["theory_hypercalls"] for d in done)
+    theory = {"hypercalls": theory_hcs, "ops_per_hypercall": ops["total"] / theory_hcs if theory_hcs else 0.0}
+    if theory_hcs != hypercalls:
+        problems.append(f"{hypercalls} hypercalls where the op stream's theory says {theory_hcs}")
     lat = [d["hypercall_latency_us"] for d in done]
     return {
         "version": RECORD_VERSION,

@@ -45,3 +45,27 @@ def test_mixed_streams_are_simulated_op_by_op():
     assert theory.hypercalls_for_lazy_section([24] * 21 + [8, 8], "multicall", 1024, 512) == 2
     with pytest.raises(ValueError):
         theory.hypercalls_for_flush([24], 16)
+
+
+def test_shape_theory_by_hand():
+    E, L, R = theory.SHAPE_ENTER, theory.SHAPE_LEAVE, theory.SHAPE_RELEASE_PT
+    # outside lazy mode: every op its own call; release_pt always
+    assert theory.hypercalls_for_shape([24, 8, R], "multicall", 1024, 512) == 3
+    # one lazy section of 42 write_pte: two calls at 512, one at 1024; then a direct flush
+    shape = [E] + [24] * 42 + [L, 8]
+    assert theory.hypercalls_for_shape(shape, "multicall", 1024, 512) == 3
+    assert theory.hypercalls_for_shape(shape, "multicall", 1024, 1024) == 2
+    assert theory.hypercalls_for_shape(shape, "direct", 1024, 512) == 43
+    assert theory.hypercalls_for_shape(shape, "queued", 1024, 512) == 43
+    # a 43rd op overflows the queue: flush 42 (2 calls), then 1 more at the end
+    assert theory.hypercalls_for_shape([E] + [24] * 43 + [L], "multicall", 1024, 512) == 3
+    # release_pt inside a lazy section goes at once and does not flush the queue
+    assert theory.hypercalls_for_shape([E, 24, R, 24, L], "multicall", 1024, 512) == 2
+
+
+@given(st.integers(0, 2000), st.integers(24, 5000), st.integers(24, 5000))
+def test_shape_theory_of_one_lazy_section_equals_the_closed_form(n, queue, limit):
+    shape = [theory.SHAPE_ENTER] + [24] * n + [theory.SHAPE_LEAVE]
+    assert theory.hypercalls_for_shape(shape, "multicall", queue, limit) == theory.write_pte_hypercalls(
+        n, "multicall", queue, limit
+    )

@@ -104,3 +104,12 @@ def test_unknown_workload_is_refused(pair_factory):
     with pytest.raises(ValueError, match="unknown workload 'nope'"):
         prepare(pair_factory().kernel, "nope", 1, 1)
     assert set(WORKLOADS) == {"writes", "fork", "exit"}
+
+
+@pytest.mark.parametrize("workload", ["writes", "fork", "exit"])
+@pytest.mark.parametrize("queue, limit", [(1024, 512), (1024, 1024), (4096, 512), (128, 512)])
+def test_the_op_streams_shape_priced_on_paper_matches_the_real_flushes(pair_factory, workload, queue, limit):
+    for mode in MODES:
+        pair, _ = run(pair_factory, workload, 300, mode, queue_bytes=queue, host_limit=limit)
+        assert pair.pv.hypercalls == theory.hypercalls_for_shape(pair.pv.shape, mode, queue, limit)
+        assert pair.kvm.totals().hypercalls == pair.pv.hypercalls
