@@ -28,19 +28,12 @@ from protocol.messages import (
 )
 from protocol.theory import hypercalls_for_shape
 from pvmmu.doorbell import CallerDoorbell
+from pvmmu.latency import histogram, percentile
 from pvmmu.shm import GuestMemory
 
 
 class GuestError(RuntimeError):
     """The host refused a message, or answered with something that is not the answer."""
-
-
-def percentile(sorted_values: list[int] | array, q: float) -> float:
-    """Nearest-rank percentile of already sorted values (0 for none)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, -(-len(sorted_values) * q // 100))
-    return float(sorted_values[int(rank) - 1])
 
 
 class GuestSession:
@@ -126,6 +119,7 @@ class GuestSession:
                 "p99": percentile(lat, 99) / 1000,
                 "mean": (sum(lat) / len(lat) / 1000) if lat else 0.0,
             },
+            "latency_hist": histogram(lat),  # mergeable across vCPUs
         }
 
     def bye(self) -> None:

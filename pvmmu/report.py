@@ -36,6 +36,20 @@ def format_run(r: dict[str, Any]) -> str:
         f"               host  {cs['host']['total']} ({_threads(cs['host'])})",
         f"               total {cs['total']}, {cs['per_op']:.3f} per op",
     ]
+    if len(r["per_vcpu"]) > 1:
+        lines.append("  per vCPU     vcpu      ops  hypercalls     ops/s  switches/op  p50 us   p99 us")
+        for p in r["per_vcpu"]:
+            lat_v = p["hypercall_latency_us"]
+            lines.append(
+                f"               {p['vcpu']:>4} {p['ops']['total']:>8} {p['hypercalls']:>11} {p['ops_per_s']:>9.0f}"
+                f" {p['ctx_switches']['per_op']:>12.3f} {lat_v['p50']:>7.1f} {lat_v['p99']:>8.1f}"
+            )
+        f = r["fairness"]
+        lines.append(
+            f"  fairness     ops/s max/min {f['ops_per_s']['max_over_min']:.2f}, Jain index {f['jain_index']:.3f}, "
+            f"p99 {f['latency_p99_us']['min']:.0f}-{f['latency_p99_us']['max']:.0f} us"
+            + (f"; STARVED: vCPU {', '.join(map(str, f['starved']))}" if f["starved"] else "; no vCPU starved")
+        )
     if r["consistent"]:
         lines.append(
             f"  consistent   yes: host shadow, guest memory and the guest's page tables agree "

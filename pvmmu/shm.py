@@ -42,7 +42,8 @@ class GuestMemory:
     @classmethod
     def create(cls, size: int) -> GuestMemory:
         """Create a fresh zeroed segment of ``size`` bytes, mode 0600 (the host does this)."""
-        name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        # PVMMU_SHM_TAG (hex, optional) lets a test session tell its own segments from others'.
+        name = f"{PREFIX}{os.getpid()}-{os.environ.get('PVMMU_SHM_TAG', '')}{secrets.token_hex(8)}"
         path = os.path.join(SHM_DIR, name)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:

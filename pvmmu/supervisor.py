@@ -30,6 +30,7 @@ from protocol.abi import KVM_PV_MMU_OP_BUFFER, MMU_QUEUE_SIZE
 from protocol.messages import ControlReply, Reject, pack_control, unpack
 from pvmmu import ctxsw
 from pvmmu.doorbell import CallerDoorbell
+from pvmmu.latency import histogram_percentile_us, merge
 from pvmmu.liveness import PidWatch
 from pvmmu.shm import sweep_stale, unlink_segment
 
@@ -306,11 +307,11 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
         if host.wait_exit(cfg.timeout) != 0:
             raise RunError(host.describe_death(host, "while shutting down"))
 
-        switches = {
-            "guest": ctxsw.combine([ctxsw.delta(before[g.pid], after[g.pid]) for g in guests]),
-            "host": ctxsw.delta(before[host.pid], after[host.pid]),
-        }
-        return build_record(cfg, done, checks, host_stats, host_check, switches, host.pid, [g.pid for g in guests])
+        guest_switches = [ctxsw.delta(before[g.pid], after[g.pid]) for g in guests]
+        host_switches = ctxsw.delta(before[host.pid], after[host.pid])
+        return build_record(
+            cfg, done, checks, host_stats, host_check, guest_switches, host_switches, host.pid, [g.pid for g in guests]
+        )
     finally:
         # Tear down without being interrupted: a second Ctrl-C must not leave a leak.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
@@ -330,7 +331,8 @@ def build_record(
     checks: list[dict[str, Any]],
     host_stats: dict[str, Any],
     host_check: dict[str, Any],
-    switches: dict[str, Any],
+    guest_switches: list[dict[str, Any]],
+    host_switches: dict[str, Any],
     host_pid: int,
     guest_pids: list[int],
 ) -> dict[str, Any]:
@@ -338,26 +340,59 @@ def build_record(
     ops = {k: sum(d["ops"][k] for d in done) for k in ("write_pte", "flush_tlb", "release_pt", "total")}
     hypercalls = sum(d["hypercalls"] for d in done)
     wall = max(d["wall_s"] for d in done)
+    switches = {"guest": ctxsw.combine(guest_switches), "host": host_switches}
     total_switches = switches["guest"]["total"] + switches["host"]["total"]
     host_ops = host_stats["totals"]["ops"]
     problems = []
     if not host_check["ok"]:
-        problems.append(f"host shadow vs guest memory: {host_check['mismatches']} mismatches, "
-                        f"{host_check['stale_tlb']} stale TLB entries")  # fmt: skip
-    for d, c in zip(done, checks, strict=True):
+        problems.append(
+            f"host shadow vs guest memory: {host_check['mismatches']} mismatches, "
+            f"{host_check['stale_tlb']} stale TLB entries"
+        )
+    per_vcpu = []
+    for pid, d, c, sw in zip(guest_pids, done, checks, guest_switches, strict=True):
         v = d["vcpu"]
+        host_v = host_stats["per_vcpu"].get(str(v), {"hypercalls": 0, "ops": {"total": 0}})
+        agrees = host_check["digests"].get(str(v)) == c["digest"]
         if not c["ok"]:
             problems.append(f"vCPU {v}: guest memory differs from its page tables in {c['mismatches']} entries")
-        if host_check["digests"].get(str(v)) != c["digest"]:
+        if not agrees:
             problems.append(f"vCPU {v}: host and guest digests of the page tables differ")
+        if (host_v["hypercalls"], host_v["ops"]["total"]) != (d["hypercalls"], d["ops"]["total"]):
+            problems.append(
+                f"vCPU {v}: host served {host_v['hypercalls']} hypercalls / {host_v['ops']['total']} ops, "
+                f"the guest issued {d['hypercalls']} / {d['ops']['total']}"
+            )
+        per_vcpu.append(
+            {
+                "vcpu": v,
+                "pid": pid,
+                "ops": d["ops"],
+                "hypercalls": d["hypercalls"],
+                "theory_hypercalls": d["theory_hypercalls"],
+                "doorbells": d["doorbells"],
+                "wall_s": d["wall_s"],
+                "ops_per_s": d["ops_per_s"],
+                "hypercall_latency_us": d["hypercall_latency_us"],
+                "ctx_switches": {**sw, "per_op": sw["total"] / d["ops"]["total"] if d["ops"]["total"] else 0.0},
+                "digest": c["digest"],
+                "entries": c["entries"],
+            }
+        )
     if host_ops != ops or host_stats["totals"]["hypercalls"] != hypercalls:
-        problems.append(f"host applied {host_ops['total']} ops in {host_stats['totals']['hypercalls']} hypercalls, "
-                        f"guests issued {ops['total']} in {hypercalls}")  # fmt: skip
+        problems.append(
+            f"host applied {host_ops['total']} ops in {host_stats['totals']['hypercalls']} hypercalls, "
+            f"guests issued {ops['total']} in {hypercalls}"
+        )
     theory_hcs = sum(d["theory_hypercalls"] for d in done)
     theory = {"hypercalls": theory_hcs, "ops_per_hypercall": ops["total"] / theory_hcs if theory_hcs else 0.0}
     if theory_hcs != hypercalls:
         problems.append(f"{hypercalls} hypercalls where the op stream's theory says {theory_hcs}")
-    lat = [d["hypercall_latency_us"] for d in done]
+    if len(done) == 1:
+        latency = {k: done[0]["hypercall_latency_us"][k] for k in ("p50", "p99")}
+    else:  # percentiles over every vCPU's hypercalls, from their merged histograms (1% bins)
+        hist = merge(d["latency_hist"] for d in done)
+        latency = {"p50": histogram_percentile_us(hist, 50), "p99": histogram_percentile_us(hist, 99)}
     return {
         "version": RECORD_VERSION,
         **{
@@ -372,10 +407,7 @@ def build_record(
         "ops_per_hypercall": ops["total"] / hypercalls if hypercalls else 0.0,
         "wall_s": wall,
         "ops_per_s": ops["total"] / wall if wall > 0 else 0.0,
-        "hypercall_latency_us": {
-            "p50": sorted(x["p50"] for x in lat)[len(lat) // 2],
-            "p99": max(x["p99"] for x in lat),
-        },
+        "hypercall_latency_us": latency,
         "ctx_switches": {
             **switches,
             "total": total_switches,
@@ -393,9 +425,30 @@ def build_record(
             "rejected": host_stats["rejected"],
             "shadow": {k: host_check[k] for k in ("pages", "entries", "mismatches", "stale_tlb")},
         },
-        "guests": [
-            {"pid": pid, "vcpu": d["vcpu"], "digest": c["digest"], "entries": c["entries"]}
-            for pid, d, c in zip(guest_pids, done, checks, strict=True)
-        ],
+        "per_vcpu": per_vcpu,
+        "fairness": fairness(per_vcpu),
         "digest": "+".join(c["digest"] for c in checks),
+    }
+
+
+STARVED_SHARE = 0.1  # a vCPU below a tenth of the fastest one's ops/s is starving
+
+
+def fairness(per_vcpu: list[dict[str, Any]]) -> dict[str, Any]:
+    """How evenly the host served its vCPUs: throughput spread, Jain's index, latency spread."""
+    rates = [p["ops_per_s"] for p in per_vcpu]
+    p50 = [p["hypercall_latency_us"]["p50"] for p in per_vcpu]
+    p99 = [p["hypercall_latency_us"]["p99"] for p in per_vcpu]
+    squares = sum(r * r for r in rates)
+    return {
+        "ops_per_s": {
+            "min": min(rates),
+            "max": max(rates),
+            "max_over_min": max(rates) / min(rates) if min(rates) else None,
+        },
+        # (sum x)^2 / (n * sum x^2): 1.0 when every vCPU got the same throughput, 1/n when one got it all.
+        "jain_index": sum(rates) ** 2 / (len(rates) * squares) if squares else None,
+        "latency_p50_us": {"min": min(p50), "max": max(p50)},
+        "latency_p99_us": {"min": min(p99), "max": max(p99)},
+        "starved": [p["vcpu"] for p in per_vcpu if p["ops_per_s"] < STARVED_SHARE * max(rates)],
     }

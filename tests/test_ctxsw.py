@@ -48,8 +48,9 @@ def test_every_thread_is_counted_and_named():
     # psutil's per-process figure is the main thread's alone: it matches ours for "main" ...
     main = d["threads"]["main"]
     assert main_after.voluntary - main_before.voluntary == main["voluntary"]
-    # ... and misses the I/O thread, which switched at least once per message here.
-    assert d["threads"]["ZMQbg/IO/0"]["voluntary"] >= 500
+    # ... and misses the I/O thread, which does the socket work (and switches; how often per
+    # message depends on load: a busy I/O thread handles several messages per wake-up).
+    assert d["threads"]["ZMQbg/IO/0"]["voluntary"] > 0
     assert d["total"] > (main_after.voluntary + main_after.involuntary) - (
         main_before.voluntary + main_before.involuntary
     )

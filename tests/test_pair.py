@@ -8,11 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
-import psutil
 import pytest
+from conftest import BackgroundRun
 
 from pvmmu.supervisor import RunConfig, RunError, run_pair
 
@@ -92,51 +91,22 @@ def test_a_host_that_refuses_every_op_fails_the_run_naming_the_op():
     assert err.value.exit_code == 3
 
 
-def _host_child(timeout: float = 10.0) -> psutil.Process:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for c in psutil.Process().children(recursive=True):
-            if "host_proc" in " ".join(c.cmdline()):
-                return c
-        time.sleep(0.02)
-    raise AssertionError("no host process appeared")
-
-
-def _run_in_thread(cfg: RunConfig):
-    box: dict = {}
-
-    def target():
-        try:
-            box["record"] = run_pair(cfg)
-        except RunError as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    return t, box
-
-
 def test_a_host_killed_mid_run_is_reported_with_the_signal_and_the_hypercall():
-    t, box = _run_in_thread(RunConfig(mode="direct", workload="writes", ops=10**6, mem_mb=64, timeout=10))
-    host = _host_child()
+    run = BackgroundRun(RunConfig(mode="direct", workload="writes", ops=10**6, mem_mb=64, timeout=10))
+    host = run.child("host_proc")
     time.sleep(1.0)  # let the measured part start
     os.kill(host.pid, signal.SIGKILL)
-    killed = time.monotonic()
-    t.join(30)
-    assert not t.is_alive()
-    message = str(box["error"])
-    assert f"host process {host.pid} died (signal 9, SIGKILL) during hypercall" in message
-    assert time.monotonic() - killed < 5
+    run.join()
+    assert f"host process {host.pid} died (signal 9, SIGKILL) during hypercall" in str(run.error)
 
 
 def test_a_silent_host_times_out_instead_of_hanging():
-    t, box = _run_in_thread(RunConfig(mode="direct", workload="writes", ops=10**6, mem_mb=64, timeout=1.0))
-    host = _host_child()
+    run = BackgroundRun(RunConfig(mode="direct", workload="writes", ops=10**6, mem_mb=64, timeout=1.0))
+    host = run.child("host_proc")
     time.sleep(1.0)
     os.kill(host.pid, signal.SIGSTOP)  # alive, but says nothing
-    t.join(30)
-    assert not t.is_alive()
-    assert "did not answer hypercall" in str(box["error"]) and "within 1s" in str(box["error"])
+    run.join()
+    assert "did not answer hypercall" in str(run.error) and "within 1s" in str(run.error)
 
 
 def test_cli_run_json_prints_exactly_one_json_object():
