@@ -35,7 +35,7 @@ from protocol.layout import MAX_QUEUE_BYTES, MAX_VCPUS, LayoutError
 from protocol.messages import MessageError
 from pvmmu.doorbell import DoorbellTimeout
 from pvmmu.liveness import PeerGone, Terminated, die_with_parent, install_signal_handlers
-from pvmmu.options import io_thread_option, parent_pid_option
+from pvmmu.options import cpus_option, io_thread_option, parent_pid_option, pin_to
 from pvmmu.shm import SharedMemoryError
 
 EXIT_SETUP = 1
@@ -75,7 +75,9 @@ def _await(word: str, timeout_s: float) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--endpoint", required=True, help="The host's doorbell endpoint.")
+@click.option(
+    "--endpoint", required=True, help="The host's doorbell: a ZeroMQ endpoint, or fd:R:W for an inherited pipe pair."
+)
 @click.option("--vcpu", type=click.IntRange(0, MAX_VCPUS - 1), default=0, show_default=True, help="This vCPU's id.")
 @click.option("--mode", type=click.Choice(MODES), default="multicall", show_default=True, help="Flush strategy.")
 @click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="writes", show_default=True)
@@ -92,6 +94,15 @@ def _await(word: str, timeout_s: float) -> None:
     "--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds to wait for any reply."
 )
 @io_thread_option
+@click.option("--phases", is_flag=True, help="Stamp every hypercall and report where its time went.")
+@click.option(
+    "--timeline-max",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="With --phases, also report the raw stamps of the first N hypercalls (for a timeline).",
+)
+@cpus_option
 @click.option("--host-pid", type=int, help="Watch this host process from the start (else from the handshake).")
 @parent_pid_option
 @click.option("--barrier", is_flag=True, help="Wait for go/check/quit on stdin between phases.")
@@ -105,18 +116,32 @@ def main(
     queue_bytes: int,
     timeout: float,
     io_thread: str,
+    phases: bool,
+    timeline_max: int,
+    cpus: str | None,
     host_pid: int | None,
     parent_pid: int | None,
     barrier: bool,
 ) -> None:
     """Run one guest vCPU against a host."""
+    pin_to(cpus)  # first, so every thread started later inherits it
     install_signal_handlers()
     die_with_parent(parent_pid)
     session = None
     code = 0
     phase = "handshake"
     try:
-        session = GuestSession(endpoint, vcpu, queue_bytes, mode, timeout, host_pid, batch_io=io_thread == "batch")
+        session = GuestSession(
+            endpoint,
+            vcpu,
+            queue_bytes,
+            mode,
+            timeout,
+            host_pid,
+            batch_io=io_thread == "batch",
+            phases=phases,
+            timeline_max=timeline_max,
+        )
         phase = "setup"
         work = prepare(session.kernel, workload, size, seed)
         _emit({"event": "ready", "pid": os.getpid(), "vcpu": vcpu, "setup_hypercalls": session.seq})

@@ -27,7 +27,8 @@ from protocol.messages import (
     unpack,
 )
 from protocol.theory import hypercalls_for_shape
-from pvmmu.doorbell import CallerDoorbell
+from pvmmu import phases
+from pvmmu.doorbell import caller_for
 from pvmmu.latency import histogram, percentile
 from pvmmu.shm import GuestMemory
 
@@ -48,12 +49,20 @@ class GuestSession:
         timeout_s: float,
         host_pid: int | None = None,
         batch_io: bool = False,
+        phases: bool = False,
+        timeline_max: int = 0,
     ) -> None:
         self.vcpu = vcpu
-        self.doorbell = CallerDoorbell(endpoint, timeout_s, host_pid, batch_io=batch_io)
+        self.doorbell = caller_for(endpoint, timeout_s, host_pid, batch_io=batch_io)
         self.memory: GuestMemory | None = None
         self.seq = 0
         self.latencies_ns = array("q")
+        # --phases: six CLOCK_MONOTONIC stamps per hypercall, on a separate code path so
+        # the default one carries no stamping at all.
+        self.phases = phases
+        self.timeline_max = timeline_max
+        self.stamps = array("q")
+        self.doorbell.stamping = phases
         try:
             self._attach(vcpu, queue_bytes, mode)
         except BaseException:
@@ -71,7 +80,8 @@ class GuestSession:
         if (area.queue_gpa, area.stack_gpa, area.pool_gpa) != (info["queue_gpa"], info["stack_gpa"], info["pool_gpa"]):
             raise GuestError("host's welcome and guest memory's layout disagree")
         self.layout = layout
-        self.pv = KvmParaState(self.memory.buf, area, self.hypercall, mode)
+        hypercall = self.hypercall_stamped if self.phases else self.hypercall
+        self.pv = KvmParaState(self.memory.buf, area, hypercall, mode)
         self.kernel = GuestKernel(self.pv, FrameAllocator(area), layout.mem_bytes // PAGE_SIZE)
 
     def _hello(self) -> dict[str, Any]:
@@ -91,13 +101,31 @@ class GuestSession:
         reply = unpack(raw)
         if type(reply) is Return and reply.seq == seq:
             return reply.ret
+        raise self._bad_reply(seq, reply)
+
+    def hypercall_stamped(self, nr: int, a0: int, a1: int, a2: int) -> int:
+        """The vmcall with the --phases stamps: t0, sent, the host's three, resumed."""
+        self.seq = seq = self.seq + 1
+        t0 = time.monotonic_ns()
+        raw = self.doorbell.call(pack_hypercall(self.vcpu, seq, nr, a0, a1, a2), "hypercall", seq)
+        t_resume = time.monotonic_ns()
+        self.latencies_ns.append(t_resume - t0)
+        reply = unpack(raw)
+        if type(reply) is Return and reply.seq == seq and reply.stamps is not None:
+            self.stamps.extend((t0, self.doorbell.sent_ns, *reply.stamps, t_resume))
+            return reply.ret
+        raise self._bad_reply(seq, reply)
+
+    @staticmethod
+    def _bad_reply(seq: int, reply: object) -> GuestError:
         if isinstance(reply, Reject):
-            raise GuestError(f"host rejected hypercall {seq}: {reply.reason}")
-        raise GuestError(f"host answered hypercall {seq} with {reply!r}")
+            return GuestError(f"host rejected hypercall {seq}: {reply.reason}")
+        return GuestError(f"host answered hypercall {seq} with {reply!r} (a host without --phases?)")
 
     def start_measuring(self) -> None:
         self.pv.reset_counters()
         self.latencies_ns = array("q")
+        self.stamps = array("q")
         self.doorbell.rung = 0
 
     def measured(self, wall_s: float) -> dict[str, Any]:
@@ -120,7 +148,17 @@ class GuestSession:
                 "mean": (sum(lat) / len(lat) / 1000) if lat else 0.0,
             },
             "latency_hist": histogram(lat),  # mergeable across vCPUs
+            **self._phase_report(),
         }
+
+    def _phase_report(self) -> dict[str, Any]:
+        if not self.phases:
+            return {}
+        report: dict[str, Any] = {"phases": phases.digest(self.stamps), "stamp_cost_ns": phases.stamp_cost_ns()}
+        if self.timeline_max:
+            report["timeline"] = list(self.stamps[: self.timeline_max * phases.STAMPS_PER_HYPERCALL])
+            report["timeline_total"] = len(self.stamps) // phases.STAMPS_PER_HYPERCALL
+        return report
 
     def bye(self) -> None:
         self.doorbell.call(pack_bye(self.vcpu), "bye")

@@ -23,16 +23,20 @@ from host_proc.kvm import Kvm
 from host_proc.shell import HostShell
 from protocol.abi import KVM_PV_MMU_OP_BUFFER
 from protocol.layout import MAX_VCPUS, Layout, LayoutError
-from pvmmu.doorbell import HostDoorbell
+from pvmmu.doorbell import host_for
 from pvmmu.liveness import PidWatch, Terminated, die_with_parent, install_signal_handlers
-from pvmmu.options import io_thread_option, parent_pid_option
+from pvmmu.options import cpus_option, io_thread_option, parent_pid_option, pin_to
 from pvmmu.shm import GuestMemory, SharedMemoryError
 
 _TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--endpoint", required=True, help="ZeroMQ endpoint to bind, e.g. ipc:///tmp/pvmmu-x/doorbell.")
+@click.option(
+    "--endpoint",
+    required=True,
+    help="ZeroMQ endpoint to bind (ipc:///tmp/pvmmu-x/doorbell), or fd:R:W,R:W,... for inherited pipe pairs.",
+)
 @click.option("--vcpus", type=click.IntRange(1, MAX_VCPUS), default=1, show_default=True, help="vCPUs the guest has.")
 @click.option("--mem-mb", type=click.IntRange(8, 65536), default=256, show_default=True, help="Guest memory, MiB.")
 @click.option(
@@ -43,12 +47,23 @@ _TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     help="Bytes of op buffer the host copies per hypercall (2.6.26: 512).",
 )
 @io_thread_option
+@click.option("--phases", is_flag=True, help="Stamp every hypercall (received, applied, answered) in its reply.")
+@cpus_option
 @parent_pid_option
 @click.option("--token-stdin", is_flag=True, help="Read the supervisor's control token from the first stdin line.")
 def main(
-    endpoint: str, vcpus: int, mem_mb: int, host_limit: int, io_thread: str, parent_pid: int | None, token_stdin: bool
+    endpoint: str,
+    vcpus: int,
+    mem_mb: int,
+    host_limit: int,
+    io_thread: str,
+    phases: bool,
+    cpus: str | None,
+    parent_pid: int | None,
+    token_stdin: bool,
 ) -> None:
     """Run the host: guest memory, shadow MMU, KVM_HC_MMU_OP handler."""
+    pin_to(cpus)  # first, so every thread started later inherits it
     install_signal_handlers()
     die_with_parent(parent_pid)
     code = 1
@@ -60,7 +75,7 @@ def main(
         header = layout.header_bytes()
         memory.buf[: len(header)] = header
         kvm = Kvm(memory.buf, layout, host_limit)
-        doorbell = HostDoorbell(endpoint, batch_io=io_thread == "batch")
+        doorbell = host_for(endpoint, batch_io=io_thread == "batch")
         try:
             shell = HostShell(
                 kvm,
@@ -70,6 +85,7 @@ def main(
                 memory.discard,
                 token=token,
                 parent=PidWatch(parent_pid) if parent_pid else None,
+                phases=phases,
             )
             _emit(
                 {
@@ -89,7 +105,7 @@ def main(
             doorbell.close()
     except Terminated as t:
         code = t.exit_code
-    except (LayoutError, SharedMemoryError) as exc:
+    except (LayoutError, SharedMemoryError, ValueError, OSError) as exc:
         print(f"pvmmu host: {exc}", file=sys.stderr)
         code = 1
     except zmq.ZMQError as exc:  # e.g. the endpoint is taken or its directory is missing

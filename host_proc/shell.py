@@ -28,10 +28,11 @@ from protocol.messages import (
     pack_control_reply,
     pack_reject,
     pack_return,
+    pack_return_stamped,
     pack_welcome,
     unpack,
 )
-from pvmmu.doorbell import HostDoorbell
+from pvmmu.doorbell import Host
 from pvmmu.liveness import PidWatch
 
 HOUSEKEEPING_S = 0.1
@@ -52,12 +53,13 @@ class HostShell:
     def __init__(
         self,
         kvm: Kvm,
-        doorbell: HostDoorbell,
+        doorbell: Host,
         shm_name: str,
         host_pid: int,
         discard: Callable[[int, int], None],
         token: str | None = None,
         parent: PidWatch | None = None,
+        phases: bool = False,
         log: TextIO = sys.stderr,
     ) -> None:
         self.kvm = kvm
@@ -68,6 +70,7 @@ class HostShell:
         self.host_pid = host_pid
         self.token = token
         self.parent = parent
+        self.phases = phases  # stamp every hypercall's receipt, completion and reply
         self.log = log
         self.vcpus: dict[int, VcpuPeer] = {}
         self.rejected: dict[str, int] = {}
@@ -106,6 +109,7 @@ class HostShell:
                 self._drop(peer)
 
     def handle(self, envelope: list[bytes], payload: bytes) -> None:
+        t_recv = time.monotonic_ns() if self.phases else 0
         identity = envelope[0] if envelope else b""
         try:
             msg = unpack(payload)
@@ -125,7 +129,12 @@ class HostShell:
                 return
             peer.seq = msg.seq
             ret = self.kvm.kvm_emulate_hypercall(msg.vcpu, msg.nr, msg.a0, msg.a1, msg.a2)
-            self.doorbell.send(envelope, pack_return(msg.seq, ret))
+            if self.phases:
+                t_applied = time.monotonic_ns()
+                reply = pack_return_stamped(msg.seq, ret, t_recv, t_applied, time.monotonic_ns())
+            else:
+                reply = pack_return(msg.seq, ret)
+            self.doorbell.send(envelope, reply)
         elif kind is Hello:
             self._hello(envelope, identity, msg)
         elif kind is Bye:

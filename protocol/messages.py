@@ -8,6 +8,9 @@ talks request/reply: it sends one message and blocks until the host answers::
                                         pool_gpa, pool_bytes, host_limit, host_pid}]
     guest -> host   [HYPERCALL, vcpu, seq, nr, a0, a1, a2]     (the VM exit)
     host -> guest   [RETURN, seq, ret]                          (RAX on VM entry)
+                    [RETURN, seq, ret, t_recv, t_applied, t_reply]  (host started with --phases:
+                                                 CLOCK_MONOTONIC ns when it got the message,
+                                                 finished applying it, sent the answer)
     guest -> host   [BYE, vcpu]                                 (vCPU goes away)
     host -> guest   [RETURN, 0, 0]
     host -> any     [REJECT, seq or nil, reason]                (malformed message)
@@ -87,6 +90,7 @@ class Hypercall(NamedTuple):
 class Return(NamedTuple):
     seq: int
     ret: int
+    stamps: tuple[int, int, int] | None = None  # host's (t_recv, t_applied, t_reply), with --phases
 
 
 class Bye(NamedTuple):
@@ -128,6 +132,10 @@ def pack_hypercall(vcpu: int, seq: int, nr: int, a0: int, a1: int, a2: int) -> b
 
 def pack_return(seq: int, ret: int) -> bytes:
     return _pack([MSG_RETURN, seq, ret])
+
+
+def pack_return_stamped(seq: int, ret: int, t_recv: int, t_applied: int, t_reply: int) -> bytes:
+    return _pack([MSG_RETURN, seq, ret, t_recv, t_applied, t_reply])
 
 
 def pack_bye(vcpu: int) -> bytes:
@@ -201,6 +209,9 @@ def unpack(data: bytes) -> Message:
             _int(msg[6], "a2"),
         )
     if kind == MSG_RETURN and type(kind) is int:
+        if len(msg) == 6:
+            stamps = (_int(msg[3], "t_recv"), _int(msg[4], "t_applied"), _int(msg[5], "t_reply"))
+            return Return(_int(msg[1], "seq"), _int(msg[2], "ret", _I64_MIN, _U64_MAX), stamps)
         _arity(msg, 3, "return")
         return Return(_int(msg[1], "seq"), _int(msg[2], "ret", _I64_MIN, _U64_MAX))
     if kind == MSG_HELLO and type(kind) is int:

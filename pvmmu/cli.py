@@ -43,6 +43,14 @@ def run_options(f: Any) -> Any:
         click.option("--mem-mb", type=click.IntRange(8, 65536), default=256, show_default=True,
                      help="Guest memory in MiB (sparse: untouched pages cost nothing)."),
         io_thread_option,
+        click.option("--placement", type=click.Choice(["any", "same", "split"]), default="any", show_default=True,
+                     help="CPU placement: any leaves it to the scheduler; same pins host and guests to one CPU; "
+                          "split pins the host to one CPU and the guests to the others."),
+        click.option("--phases", is_flag=True,
+                     help="Stamp every hypercall at six points and report where its time goes."),
+        click.option("--doorbell", type=click.Choice(["zmq", "pipe"]), default="zmq", show_default=True,
+                     help="zmq: ZeroMQ REQ/ROUTER over ipc:// (the design's doorbell); pipe: a pair of OS pipes per "
+                          "vCPU, no helper thread, to see what ZeroMQ's machinery costs."),
         click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
                      help="Seconds any process may stay silent before the run fails."),
     ]  # fmt: skip
@@ -69,6 +77,11 @@ def main() -> None:
               help="direct: one hypercall per op (before the patch); queued: ops queued in lazy mode, "
                    "one hypercall each at the flush; multicall: the whole queue per hypercall (the patch).")  # fmt: skip
 @run_options
+@click.option("--timeline", type=click.Path(dir_okay=False, writable=True),
+              help="Write the first hypercalls (--timeline-max) as a Chrome trace-event file for Perfetto; "
+                   "implies --phases.")  # fmt: skip
+@click.option("--timeline-max", type=click.IntRange(1), default=10_000, show_default=True,
+              help="Hypercalls per vCPU in the --timeline file.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as one JSON object.")
 def run(as_json: bool, **kwargs: Any) -> None:
     """Run one guest/host pair on a workload and report counts and switches."""

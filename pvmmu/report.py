@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pvmmu.phases import PHASES
+
 
 def _threads(part: dict[str, Any]) -> str:
     return ", ".join(f"{name} {t['voluntary'] + t['involuntary']}" for name, t in part["threads"].items())
@@ -17,6 +19,13 @@ def _si(x: float) -> str:
     return f"{x:.0f} "
 
 
+def placement_text(p: dict[str, Any] | None) -> str:
+    if not p or p["policy"] == "any":
+        return "placement any (scheduler's choice)"
+    guests = ";".join(",".join(map(str, g)) for g in p["guest_cpus"])
+    return f"placement {p['policy']} (host CPU {','.join(map(str, p['host_cpus']))}, guests CPU {guests})"
+
+
 def format_run(r: dict[str, Any]) -> str:
     ops = r["ops"]
     cs = r["ctx_switches"]
@@ -27,6 +36,7 @@ def format_run(r: dict[str, Any]) -> str:
         f"pvmmu run: mode {r['mode']}, workload {r['workload']} (size {r['size']}, seed {r['seed']}), "
         f"{r['vcpus']} vCPU{'s' if r['vcpus'] != 1 else ''}, queue {r['queue_bytes']} B, "
         f"host limit {r['host_limit']} B",
+        f"  conditions   doorbell {r['doorbell']}, I/O threads {r['io_thread']}, {placement_text(r.get('placement'))}",
         f"  ops          {ops['total']}  (write_pte {ops['write_pte']}, flush_tlb {ops['flush_tlb']}, "
         f"release_pt {ops['release_pt']})",
         f"  hypercalls   {r['hypercalls']}  ({r['ops_per_hypercall']:.1f} ops each{th}), doorbells {r['doorbells']}",
@@ -36,6 +46,22 @@ def format_run(r: dict[str, Any]) -> str:
         f"               host  {cs['host']['total']} ({_threads(cs['host'])})",
         f"               total {cs['total']}, {cs['per_op']:.3f} per op",
     ]
+    cpu = r.get("cpu_s")
+    if cpu:
+        lines.append(
+            f"  cpu          guest {cpu['guest']['total']:.2f} s, host {cpu['host']['total']:.2f} s "
+            f"({cpu['per_op_us']['guest']:.1f} + {cpu['per_op_us']['host']:.1f} us per op)"
+        )
+    ph = r.get("phases")
+    if ph:
+        parts = ", ".join(f"{name} {ph[name]['p50_us']:.1f} us ({ph[name]['share']:.0%})" for name in PHASES)
+        lines.append(f"  phases       median: {parts}")
+        lines.append(
+            f"               sum of medians {ph['sum_of_medians_us']:.1f} us = "
+            f"{ph['sum_of_medians_over_median_round_trip']:.0%} of the median round trip "
+            f"{ph['round_trip']['p50_us']:.1f} us; stamps cost {ph['stamp_cost_ns']:.0f} ns each, "
+            f"{ph['stamps_per_hypercall']} per hypercall"
+        )
     if len(r["per_vcpu"]) > 1:
         lines.append("  per vCPU     vcpu      ops  hypercalls     ops/s  switches/op  p50 us   p99 us")
         for p in r["per_vcpu"]:

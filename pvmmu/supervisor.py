@@ -26,10 +26,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psutil
+
 from protocol.abi import KVM_PV_MMU_OP_BUFFER, MMU_QUEUE_SIZE
 from protocol.messages import ControlReply, Reject, pack_control, unpack
-from pvmmu import ctxsw
-from pvmmu.doorbell import CallerDoorbell
+from pvmmu import ctxsw, phases, timeline
+from pvmmu.doorbell import caller_for, pipe_address
 from pvmmu.latency import histogram_percentile_us, merge
 from pvmmu.liveness import PidWatch
 from pvmmu.shm import sweep_stale, unlink_segment
@@ -58,6 +60,11 @@ class RunConfig:
     vcpus: int = 1
     mem_mb: int = 256
     io_thread: str = "batch"  # SCHED_BATCH for ZeroMQ's I/O threads (see pvmmu.doorbell)
+    doorbell: str = "zmq"  # or "pipe": OS pipes, no helper thread
+    placement: str = "any"  # any | same | split: where host and guests may run
+    phases: bool = False  # stamp every hypercall and break its time down
+    timeline: str | None = None  # write a Chrome trace-event file of the first hypercalls here
+    timeline_max: int = 10_000
     timeout: float = 10.0  # any single reply or handshake
     max_seconds: float = 3600.0  # the whole measured part
 
@@ -85,7 +92,7 @@ def _how_it_died(returncode: int | None) -> str:
 class Child:
     """One spawned process: JSON events on its stdout, log in a file, stdin for commands."""
 
-    def __init__(self, role: str, argv: list[str], rundir: str) -> None:
+    def __init__(self, role: str, argv: list[str], rundir: str, pass_fds: tuple[int, ...] = ()) -> None:
         self.role = role
         self.log_path = os.path.join(rundir, f"{role}.log")
         self._log = open(self.log_path, "wb")
@@ -97,6 +104,7 @@ class Child:
             stderr=self._log,
             env=env,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor, which tears down in order
+            pass_fds=pass_fds,  # the pipe doorbell's ends, if that is the transport
         )
         self.pid = self.proc.pid
         self.watch = PidWatch(self.pid)
@@ -211,9 +219,9 @@ class Child:
 class HostControl:
     """The supervisor's control line to the host (same doorbell, secret token)."""
 
-    def __init__(self, endpoint: str, token: str, timeout_s: float, host_pid: int) -> None:
+    def __init__(self, address: str, token: str, timeout_s: float, host_pid: int) -> None:
         self.token = token
-        self.doorbell = CallerDoorbell(endpoint, timeout_s, host_pid)
+        self.doorbell = caller_for(address, timeout_s, host_pid)
 
     def __call__(self, command: str) -> dict[str, Any]:
         reply = unpack(self.doorbell.call(pack_control(self.token, command), f"control '{command}'"))
@@ -227,11 +235,132 @@ class HostControl:
         self.doorbell.close()
 
 
+def placement_plan(policy: str, vcpus: int) -> tuple[list[int] | None, list[list[int] | None]]:
+    """CPUs for the host and for each guest: any (leave it to the scheduler), same (all on one CPU),
+    split (host on one CPU, guests spread round-robin over the others)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if policy == "any":
+        return None, [None] * vcpus
+    if policy == "same":
+        return [cpus[0]], [[cpus[0]] for _ in range(vcpus)]
+    if policy == "split":
+        if len(cpus) < 2:
+            raise RunError(f"--placement split needs two CPUs; this process may only use CPU {cpus[0]}")
+        others = cpus[1:]
+        return [cpus[0]], [[others[v % len(others)]] for v in range(vcpus)]
+    raise RunError(f"unknown placement {policy!r}: any, same or split")
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def _cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of every thread of ``pid`` so far."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0, 0.0
+    return t.user, t.system
+
+
+def _thread_cpus(pid: int) -> list[int]:
+    """The CPUs any thread of ``pid`` may run on (the union of their affinities)."""
+    cpus: set[int] = set()
+    try:
+        for t in psutil.Process(pid).threads():
+            cpus.update(psutil.Process(t.id).cpu_affinity())
+    except psutil.NoSuchProcess:
+        pass
+    return sorted(cpus)
+
+
+def _minus(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] - b[0], a[1] - b[1]
+
+
+def cpu_record(guests: list[tuple[float, float]], host: tuple[float, float], ops: int) -> dict[str, Any]:
+    """CPU seconds of the measured part, per side, and per op in microseconds."""
+    g_user, g_sys = sum(x[0] for x in guests), sum(x[1] for x in guests)
+    side = {
+        "guest": {"user": g_user, "system": g_sys, "total": g_user + g_sys},
+        "host": {"user": host[0], "system": host[1], "total": host[0] + host[1]},
+    }
+    side["per_op_us"] = {k: side[k]["total"] / ops * 1e6 if ops else 0.0 for k in ("guest", "host")}
+    return side
+
+
+class Links:
+    """Where host, guests and the supervisor's control line find the doorbell.
+
+    zmq: one endpoint for all. pipe: a pair of OS pipes per guest and one for
+    control, made here and inherited; each end is closed in this process as soon
+    as the child that owns it has it, so a dead peer reads as end-of-file.
+    """
+
+    def __init__(self, kind: str, vcpus: int, endpoint: str) -> None:
+        self.kind = kind
+        self.endpoint = endpoint
+        self._caller: list[tuple[int, int]] = []  # per guest, then control: (read, write) of the caller
+        self._host: list[tuple[int, int]] = []
+        self._open: set[int] = set()
+        if kind == "pipe":
+            for _ in range(vcpus + 1):
+                to_host_r, to_host_w = os.pipe()
+                to_caller_r, to_caller_w = os.pipe()
+                self._caller.append((to_caller_r, to_host_w))
+                self._host.append((to_host_r, to_caller_w))
+                self._open |= {to_host_r, to_host_w, to_caller_r, to_caller_w}
+        elif kind != "zmq":
+            raise RunError(f"unknown doorbell {kind!r}: zmq or pipe")
+
+    @property
+    def host_address(self) -> str:
+        return pipe_address(self._host) if self.kind == "pipe" else self.endpoint
+
+    @property
+    def host_fds(self) -> tuple[int, ...]:
+        return tuple(fd for pair in self._host for fd in pair)
+
+    def guest_address(self, v: int) -> str:
+        return pipe_address([self._caller[v]]) if self.kind == "pipe" else self.endpoint
+
+    def guest_fds(self, v: int) -> tuple[int, ...]:
+        return self._caller[v] if self.kind == "pipe" else ()
+
+    @property
+    def control_address(self) -> str:
+        return pipe_address([self._caller[-1]]) if self.kind == "pipe" else self.endpoint
+
+    @property
+    def control_fds(self) -> tuple[int, ...]:
+        return self._caller[-1] if self.kind == "pipe" else ()
+
+    def handed_over(self, fds: tuple[int, ...]) -> None:
+        """These ends now belong to a child (or the control caller): close or forget our copies."""
+        for fd in fds:
+            if fd in self._open:
+                self._open.discard(fd)
+                if fd not in self.control_fds:
+                    os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._open:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._open.clear()
+
+
 def run_pair(cfg: RunConfig) -> dict[str, Any]:
     """One measured run; returns the run record (see README). Raises RunError."""
     sweep_stale()
+    host_cpus, guest_cpus = placement_plan(cfg.placement, cfg.vcpus)
+    phases_on = cfg.phases or cfg.timeline is not None
+    links = Links(cfg.doorbell, cfg.vcpus, "")  # checks the kind before anything is made
     rundir = tempfile.mkdtemp(prefix="pvmmu-", dir=runtime_dir())  # mode 0700
-    endpoint = f"ipc://{rundir}/doorbell"
+    links.endpoint = f"ipc://{rundir}/doorbell"
     token = secrets.token_hex(16)
     children: list[Child] = []
     control: HostControl | None = None
@@ -241,21 +370,26 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
             "host",
             [
                 sys.executable, "-m", "host_proc",
-                "--endpoint", endpoint,
+                "--endpoint", links.host_address,
                 "--vcpus", str(cfg.vcpus),
                 "--mem-mb", str(cfg.mem_mb),
                 "--host-limit", str(cfg.host_limit),
                 "--io-thread", cfg.io_thread,
                 "--parent-pid", str(os.getpid()),
                 "--token-stdin",
+                *(["--phases"] if phases_on else []),
+                *(["--cpus", _cpu_list(host_cpus)] if host_cpus else []),
             ],
             rundir,
+            links.host_fds,
         )  # fmt: skip
+        links.handed_over(links.host_fds)
         children.append(host)
         host.send(token)
         ready = host.read_event("ready", cfg.timeout, children)
         shm_name = ready["shm"]
-        control = HostControl(endpoint, token, cfg.timeout, host.pid)
+        control = HostControl(links.control_address, token, cfg.timeout, host.pid)
+        links.handed_over(links.control_fds)  # the control caller owns them now
 
         guests = []
         for v in range(cfg.vcpus):
@@ -263,7 +397,7 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
                 f"guest{v}" if cfg.vcpus > 1 else "guest",
                 [
                     sys.executable, "-m", "guest_proc",
-                    "--endpoint", endpoint,
+                    "--endpoint", links.guest_address(v),
                     "--vcpu", str(v),
                     "--mode", cfg.mode,
                     "--workload", cfg.workload,
@@ -275,9 +409,14 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
                     "--host-pid", str(host.pid),
                     "--parent-pid", str(os.getpid()),
                     "--barrier",
+                    *(["--phases"] if phases_on else []),
+                    *(["--timeline-max", str(cfg.timeline_max)] if cfg.timeline else []),
+                    *(["--cpus", _cpu_list(guest_cpus[v])] if guest_cpus[v] else []),
                 ],
                 rundir,
+                links.guest_fds(v),
             )  # fmt: skip
+            links.handed_over(links.guest_fds(v))
             guests.append(g)
             children.append(g)
         # Setup (building the starting address space) is unmeasured but may take a while.
@@ -285,11 +424,14 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
             g.read_event("ready", cfg.max_seconds, children)
 
         control("reset")
+        cpu_before = {c.pid: _cpu_times(c.pid) for c in children}
         before = {c.pid: ctxsw.sample(c.pid) for c in children}
         for g in guests:
             g.send("go")
         done = [g.read_event("done", cfg.max_seconds, children) for g in guests]
         after = {c.pid: ctxsw.sample(c.pid) for c in children}
+        cpu_after = {c.pid: _cpu_times(c.pid) for c in children}
+        observed = {c.pid: _thread_cpus(c.pid) for c in children}
 
         host_stats = control("stats")
         host_check = control("check")
@@ -309,14 +451,42 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
 
         guest_switches = [ctxsw.delta(before[g.pid], after[g.pid]) for g in guests]
         host_switches = ctxsw.delta(before[host.pid], after[host.pid])
-        return build_record(
+        record = build_record(
             cfg, done, checks, host_stats, host_check, guest_switches, host_switches, host.pid, [g.pid for g in guests]
         )
+        record["placement"] = {
+            "policy": cfg.placement,
+            "host_cpus": host_cpus,
+            "guest_cpus": guest_cpus,
+            "cpus_available": sorted(os.sched_getaffinity(0)),
+            # what the kernel says each process's threads may use, read during the run
+            "observed": {"host": observed[host.pid], "guests": [observed[g.pid] for g in guests]},
+        }
+        record["cpu_s"] = cpu_record(
+            [_minus(cpu_after[g.pid], cpu_before[g.pid]) for g in guests],
+            _minus(cpu_after[host.pid], cpu_before[host.pid]),
+            record["ops"]["total"],
+        )
+        if phases_on:
+            record["phases"] = phases.summarize([d["phases"] for d in done], max(d["stamp_cost_ns"] for d in done))
+        if cfg.timeline:
+            trace = timeline.chrome_trace(
+                host.pid,
+                [{"vcpu": d["vcpu"], "pid": g.pid, "stamps": d["timeline"], "total": d["timeline_total"]}
+                 for d, g in zip(done, guests, strict=True)],
+            )  # fmt: skip
+            try:
+                timeline.write(cfg.timeline, trace)
+            except OSError as exc:
+                raise RunError(f"cannot write the timeline to {cfg.timeline}: {exc.strerror}") from None
+            record["timeline"] = {"path": cfg.timeline, "events": len(trace["traceEvents"])}
+        return record
     finally:
         # Tear down without being interrupted: a second Ctrl-C must not leave a leak.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         if control is not None:
             control.close()
+        links.close()
         for c in reversed(children):
             c.stop()
         if shm_name is not None:
@@ -398,7 +568,8 @@ def build_record(
         **{
             k: v
             for k, v in asdict(cfg).items()
-            if k in ("mode", "workload", "vcpus", "queue_bytes", "host_limit", "seed", "io_thread")
+            if k
+            in ("mode", "workload", "vcpus", "queue_bytes", "host_limit", "seed", "io_thread", "doorbell", "placement")
         },
         "size": cfg.ops,
         "ops": ops,
