@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
+import uuid
 
 import psutil
 import pytest
@@ -13,8 +17,28 @@ from guest_proc.paravirt import KvmParaState
 from guest_proc.workloads import GuestKernel
 from host_proc.kvm import Kvm
 from protocol.layout import PAGE_SIZE, Layout
-from pvmmu.shm import list_segments
+from pvmmu.shm import creator_pid, list_segments
 from pvmmu.supervisor import runtime_dir
+
+# The machine is shared with other test sessions: mark every process this session starts
+# (children inherit the environment) and give its runs a private runtime directory, so
+# no_leaks blames only what this session left behind.
+_OWNER = f"{os.getpid()}-{uuid.uuid4().hex}"
+os.environ["PVMMU_TEST_OWNER"] = _OWNER
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="pvtest-")
+atexit.register(shutil.rmtree, os.environ["XDG_RUNTIME_DIR"], True)
+
+
+def _ours(pid: int | None) -> bool:
+    """A process this session started (alive); a dead one's segment counts as ours, to be safe."""
+    if pid is None:
+        return True
+    try:
+        return psutil.Process(pid).environ().get("PVMMU_TEST_OWNER") == _OWNER
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 class InProcessPair:
@@ -61,7 +85,7 @@ def _pvmmu_processes() -> set[int]:
     found = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "-m host_proc" in cmd or "-m guest_proc" in cmd:
+        if ("-m host_proc" in cmd or "-m guest_proc" in cmd) and _ours(p.info["pid"]):
             found.add(p.info["pid"])
     return found
 
@@ -73,7 +97,7 @@ def no_leaks():
     yield
     deadline = time.monotonic() + 3
     while True:
-        new_shm = set(list_segments()) - shm
+        new_shm = {s for s in set(list_segments()) - shm if _ours(creator_pid(s))}
         new_dirs = _pvmmu_dirs() - dirs
         new_procs = _pvmmu_processes() - procs
         if not (new_shm or new_dirs or new_procs) or time.monotonic() > deadline:
