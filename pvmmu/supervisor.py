@@ -59,6 +59,10 @@ class RunConfig:
     io_thread: str = "batch"  # SCHED_BATCH for ZeroMQ's I/O threads (see pvmmu.doorbell)
     timeout: float = 10.0  # any single reply or handshake
     max_seconds: float = 3600.0  # the whole measured part
+    from_maps: str | None = None  # start from this maps/smaps file's address space (or a shipped capture's name)
+    from_pid: int | None = None  # start from this live process's address space (/proc/PID/smaps)
+    trace_out: str | None = None  # record the guest's op stream to this trace file
+    replay: str | None = None  # replay this trace file instead of running the workload
 
 
 def runtime_dir() -> str:
@@ -228,6 +232,8 @@ class HostControl:
 
 def run_pair(cfg: RunConfig) -> dict[str, Any]:
     """One measured run; returns the run record (see README). Raises RunError."""
+    from pvmmu.inputs import finish_outputs, prepare_inputs, record_details  # imports this module
+
     sweep_stale()
     rundir = tempfile.mkdtemp(prefix="pvmmu-", dir=runtime_dir())  # mode 0700
     endpoint = f"ipc://{rundir}/doorbell"
@@ -236,6 +242,7 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
     control: HostControl | None = None
     shm_name: str | None = None
     try:
+        inputs = prepare_inputs(cfg, rundir)  # every input file checked before any process starts
         host = Child(
             "host",
             [
@@ -274,6 +281,7 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
                     "--host-pid", str(host.pid),
                     "--parent-pid", str(os.getpid()),
                     "--barrier",
+                    *inputs.guest_argv,
                 ],
                 rundir,
             )  # fmt: skip
@@ -310,7 +318,11 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
             "guest": ctxsw.combine([ctxsw.delta(before[g.pid], after[g.pid]) for g in guests]),
             "host": ctxsw.delta(before[host.pid], after[host.pid]),
         }
-        return build_record(cfg, done, checks, host_stats, host_check, switches, host.pid, [g.pid for g in guests])
+        record = build_record(cfg, done, checks, host_stats, host_check, switches, host.pid, [g.pid for g in guests])
+        record.update(record_details(inputs, done, checks))
+        if cfg.trace_out:
+            record["trace"] = finish_outputs(cfg, inputs)
+        return record
     finally:
         # Tear down without being interrupted: a second Ctrl-C must not leave a leak.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
@@ -350,6 +362,9 @@ def build_record(
             problems.append(f"vCPU {v}: guest memory differs from its page tables in {c['mismatches']} entries")
         if host_check["digests"].get(str(v)) != c["digest"]:
             problems.append(f"vCPU {v}: host and guest digests of the page tables differ")
+        if c.get("expect_digest", c["digest"]) != c["digest"]:
+            problems.append(f"vCPU {v}: the replayed trace left page tables {c['digest'][:12]}, "
+                            f"the recording left {c['expect_digest'][:12]}")  # fmt: skip
     if host_ops != ops or host_stats["totals"]["hypercalls"] != hypercalls:
         problems.append(f"host applied {host_ops['total']} ops in {host_stats['totals']['hypercalls']} hypercalls, "
                         f"guests issued {ops['total']} in {hypercalls}")  # fmt: skip
