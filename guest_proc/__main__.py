@@ -31,13 +31,12 @@ from guest_proc.pagetable import OutOfGuestMemory
 from guest_proc.paravirt import MODES, HypercallError, KvmParaState
 from guest_proc.procmaps import MapsError
 from guest_proc.shell import GuestError, GuestSession
-from guest_proc.trace import Replay, TracedKvmParaState, TraceRecorder, load_trace
+from guest_proc.trace import Replay, TracedKvmParaState, TraceRecorder, load_trace, prepare_recorded
 from guest_proc.workloads import WORKLOADS, prepare, prepare_workload
 from protocol.abi import MMU_QUEUE_SIZE
 from protocol.layout import MAX_QUEUE_BYTES, MAX_VCPUS, LayoutError
 from protocol.messages import MessageError
 from protocol.trace import TraceError
-from pvmmu import __version__
 from pvmmu.doorbell import DoorbellTimeout
 from pvmmu.liveness import PeerGone, Terminated, die_with_parent, install_signal_handlers
 from pvmmu.maps import load_vmas
@@ -145,14 +144,11 @@ def main(
         else:
             vmas = load_vmas(from_maps) if from_maps else None
             if recorder is not None:
-                area = session.pv.area
-                recorder.begin(workload=workload, size=size, seed=seed, vcpu=vcpu, vcpus=session.layout.vcpus,
-                               source=f"maps {os.path.basename(from_maps)}" if from_maps else "synthetic",
-                               mem_bytes=session.layout.mem_bytes, pool_gpa=area.pool_gpa, pool_bytes=area.pool_bytes,
-                               created_by=f"pvmmu {__version__}")  # fmt: skip
-            work = prepare(session.kernel, workload, size, seed, vmas)
-            if recorder is not None:
-                recorder.start_section("run")
+                source = f"maps {os.path.basename(from_maps)}" if from_maps else "synthetic"
+                work = prepare_recorded(session.kernel, recorder, workload, size, seed, vmas, source,
+                                        session.layout.vcpus)  # fmt: skip
+            else:
+                work = prepare(session.kernel, workload, size, seed, vmas)
         space = work.address_space()
         _emit({"event": "ready", "pid": os.getpid(), "vcpu": vcpu, "setup_hypercalls": session.seq,
                "address_space": space})  # fmt: skip

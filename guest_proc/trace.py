@@ -11,8 +11,9 @@ from __future__ import annotations
 import zlib
 from typing import Any, BinaryIO
 
+from guest_proc.pagetable import Vma
 from guest_proc.paravirt import KvmParaState
-from guest_proc.workloads import GuestKernel, Workload
+from guest_proc.workloads import GuestKernel, Workload, prepare
 from protocol.abi import (
     FLUSH_TLB,
     KVM_MMU_OP_FLUSH_TLB,
@@ -34,6 +35,7 @@ from protocol.trace import (
     encode_trailer,
     read_trace,
 )
+from pvmmu import __version__
 
 MAX_TRACE_BYTES = 1 << 30
 _FLUSH_RECORD = FLUSH_TLB.pack(KVM_MMU_OP_FLUSH_TLB, 0)
@@ -114,6 +116,26 @@ class TracedKvmParaState(KvmParaState):
         super().kvm_leave_lazy_mmu()
 
 
+def prepare_recorded(
+    kernel: GuestKernel,
+    recorder: TraceRecorder,
+    name: str,
+    size: int,
+    seed: int,
+    vmas: list[Vma] | None = None,
+    source: str = "synthetic",
+    vcpus: int = 1,
+) -> Workload:
+    """``prepare()`` under a recorder (whose state is ``kernel.pv``): header, setup section, then the run's."""
+    area = kernel.pv.area
+    recorder.begin(workload=name, size=size, seed=seed, source=source, mem_bytes=kernel.mem_pages * PAGE_SIZE,
+                   vcpus=vcpus, vcpu=area.vcpu, pool_gpa=area.pool_gpa, pool_bytes=area.pool_bytes,
+                   created_by=f"pvmmu {__version__}")  # fmt: skip
+    work = prepare(kernel, name, size, seed, vmas)
+    recorder.start_section("run")
+    return work
+
+
 def load_trace(path: str) -> Trace:
     """Read and check a whole trace file; TraceError (message starts with the path) if it is not sound."""
     try:
@@ -172,4 +194,4 @@ class Replay(Workload):
                 leave()
 
 
-__all__ = ["Replay", "TraceRecorder", "TracedKvmParaState", "load_trace"]
+__all__ = ["Replay", "TraceRecorder", "TracedKvmParaState", "load_trace", "prepare_recorded"]
