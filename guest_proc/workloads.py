@@ -144,13 +144,17 @@ class GuestKernel:
 
     def zap_pte_range(self, mm: AddressSpace, lo: int, hi: int) -> None:
         """Clear the present PTEs of [lo, hi) (one page table) in a lazy MMU section."""
+        self._lazy_pte_loop(mm, lo, hi, lambda pte: 0)
+
+    def _lazy_pte_loop(self, mm: AddressSpace, lo: int, hi: int, new_pte: Callable[[int], int]) -> None:
+        """Write ``new_pte(pte)`` over each present PTE of [lo, hi), inside one lazy MMU section."""
         ptes = list(mm.present_ptes(lo, hi))
         if not ptes:
             return
         pv = self.pv
         pv.kvm_enter_lazy_mmu()
-        for _, gpa, _ in ptes:
-            pv.kvm_mmu_write(gpa, 0)
+        for _, gpa, pte in ptes:
+            pv.kvm_mmu_write(gpa, new_pte(pte))
         pv.kvm_leave_lazy_mmu()
 
     @kernel_path
@@ -172,14 +176,8 @@ class GuestKernel:
             self.pv.kvm_flush_tlb()  # flush_tlb_range
 
     def change_pte_range(self, mm: AddressSpace, lo: int, hi: int, newprot: int) -> None:
-        ptes = list(mm.present_ptes(lo, hi))
-        if not ptes:
-            return
-        pv = self.pv
-        pv.kvm_enter_lazy_mmu()
-        for _, gpa, pte in ptes:
-            pv.kvm_mmu_write(gpa, pte_modify(pte, newprot))
-        pv.kvm_leave_lazy_mmu()
+        """Give the present PTEs of [lo, hi) (one page table) ``newprot``, in a lazy MMU section."""
+        self._lazy_pte_loop(mm, lo, hi, lambda pte: pte_modify(pte, newprot))
 
     @kernel_path
     def handle_mm_fault(self, mm: AddressSpace, va: int, write: bool) -> None:
