@@ -10,8 +10,12 @@ for the words ``go``, ``check`` and ``quit``, so the supervisor can sample
 context switches around exactly the measured part. Without it, it runs straight
 through.
 
+``--from-maps FILE`` starts the workload from that maps/smaps file's address
+space; ``--trace-out FILE`` records the op stream (``docs/trace.md``);
+``--replay FILE`` replays a trace instead of running a workload.
+
 Exit status: 0 done; 1 bad set-up (the host refused the handshake, memory
-missing); 3 the host refused an op or made no progress; 4 the host died or went
+missing, an unusable maps file or trace); 3 the host refused an op or made no progress; 4 the host died or went
 silent; 128 + N after signal N.
 """
 
