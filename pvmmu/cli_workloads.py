@@ -7,10 +7,10 @@ the CLI's (0 ok, 1 inconsistent, 2 usage or bad input, 3 run failed).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -20,7 +20,7 @@ from guest_proc.procmaps import KEPT_FIELDS, MapsError, parse_maps, summary, tri
 from guest_proc.trace import load_trace
 from protocol.trace import TraceError
 from pvmmu.cli import _guarded, main, run_options
-from pvmmu.inputs import EXIT_USAGE
+from pvmmu.inputs import EXIT_USAGE, replace_file
 from pvmmu.maps import capture_pid, read_maps_file, resolve, shipped
 from pvmmu.report import format_run
 from pvmmu.supervisor import EXIT_INCONSISTENT, RunConfig, run_pair
@@ -128,11 +128,8 @@ def maps_command(source: str | None, pid: int | None, output: str | None, as_jso
     if output:
         stamp = time.strftime("%Y-%m-%d")
         head = f"# {origin}, captured by 'pvmmu maps' on {stamp}: smaps cut to the maps lines and {', '.join(KEPT_FIELDS)}\n"
-        tmp = f"{output}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "w") as f:
-                f.write(head + trim_smaps(text))
-            os.replace(tmp, output)
+            replace_file(output, lambda tmp: Path(tmp).write_text(head + trim_smaps(text)))
         except OSError as exc:
             click.echo(f"pvmmu: cannot write {output}: {exc.strerror or exc}", err=True)
             sys.exit(EXIT_USAGE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,18 +99,26 @@ def finish_outputs(cfg: RunConfig, inputs: RunInputs) -> dict[str, Any] | None:
         trace = load_trace(inputs.trace_part)
     except TraceError as exc:  # the guest wrote something it cannot read back: a bug, not bad input
         raise RunError(f"the recorded trace does not read back: {exc}") from None
-    tmp = f"{cfg.trace_out}.tmp-{os.getpid()}"
     try:
-        shutil.copyfile(inputs.trace_part, tmp)
-        os.replace(tmp, cfg.trace_out)
+        replace_file(cfg.trace_out, lambda tmp: shutil.copyfile(inputs.trace_part, tmp))
     except OSError as exc:
+        raise RunError(f"cannot write the trace to {cfg.trace_out}: {exc.strerror or exc}") from None
+    return {"file": cfg.trace_out, "events": trace.events, "run_events": len(trace.sections["run"]),
+            "digest": trace.trailer["digest"]}  # fmt: skip
+
+
+def replace_file(path: str, write: Callable[[str], object]) -> None:
+    """Make ``path`` with ``write(tmp)`` and rename it into place: never a half-written file, no leftover."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # an OSError, or a signal's Terminated: leave nothing behind either way
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise RunError(f"cannot write the trace to {cfg.trace_out}: {exc.strerror or exc}") from None
-    return {"file": cfg.trace_out, "events": trace.events, "run_events": len(trace.sections["run"]),
-            "digest": trace.trailer["digest"]}  # fmt: skip
+        raise
 
 
 def record_details(inputs: RunInputs, done: list[dict[str, Any]], checks: list[dict[str, Any]]) -> dict[str, Any]:
