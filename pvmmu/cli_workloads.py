@@ -20,7 +20,7 @@ from guest_proc.procmaps import KEPT_FIELDS, MapsError, parse_maps, summary, tri
 from guest_proc.trace import load_trace
 from protocol.trace import TraceError
 from pvmmu.cli import _guarded, main, run_options
-from pvmmu.inputs import EXIT_USAGE, replace_file
+from pvmmu.inputs import BadInput, replace_file
 from pvmmu.maps import capture_pid, read_maps_file, resolve, shipped
 from pvmmu.report import format_run
 from pvmmu.supervisor import EXIT_INCONSISTENT, RunConfig, run_pair
@@ -80,11 +80,14 @@ def replay(trace_file: str, as_json: bool, **kwargs: Any) -> None:
     with the byte offset of the problem (exit 2), never half-applied. The run is
     consistent only if the page tables end as they did when it was recorded.
     """
-    try:
-        header = load_trace(trace_file).header
-    except TraceError as exc:
-        click.echo(f"pvmmu: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+
+    def read_header() -> dict[str, Any]:
+        try:
+            return load_trace(trace_file).header
+        except TraceError as exc:
+            raise BadInput(str(exc)) from None
+
+    header = _guarded(read_header)
     cfg = RunConfig(**kwargs, workload=header["workload"], ops=header["size"], seed=header["seed"],
                     vcpus=1, mem_mb=header["mem_bytes"] >> 20, replay=trace_file)  # fmt: skip
     _finish(_guarded(lambda: run_pair(cfg)), as_json)
@@ -105,6 +108,10 @@ def maps_command(source: str | None, pid: int | None, output: str | None, as_jso
     """
     if source is not None and pid is not None:
         raise click.UsageError("give a SOURCE file or --pid, not both")
+    _guarded(lambda: _maps(source, pid, output, as_json))
+
+
+def _maps(source: str | None, pid: int | None, output: str | None, as_json: bool) -> None:
     try:
         if source is None and pid is None:
             rows = {name: summary(parse_maps(read_maps_file(path), name)) for name, path in sorted(shipped().items())}
@@ -122,17 +129,15 @@ def maps_command(source: str | None, pid: int | None, output: str | None, as_jso
             text, origin = read_maps_file(path), path
         s = summary(parse_maps(text, origin))
     except MapsError as exc:
-        click.echo(f"pvmmu: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        raise BadInput(str(exc)) from None
     click.echo(json.dumps({"source": origin, **s}, indent=2) if as_json else f"{origin}: {_describe(s)}")
     if output:
-        stamp = time.strftime("%Y-%m-%d")
-        head = f"# {origin}, captured by 'pvmmu maps' on {stamp}: smaps cut to the maps lines and {', '.join(KEPT_FIELDS)}\n"
+        kept = ", ".join(KEPT_FIELDS)
+        head = f"# {origin}, captured by 'pvmmu maps' on {time.strftime('%Y-%m-%d')}: smaps cut to the maps lines and {kept}\n"
         try:
             replace_file(output, lambda tmp: Path(tmp).write_text(head + trim_smaps(text)))
         except OSError as exc:
-            click.echo(f"pvmmu: cannot write {output}: {exc.strerror or exc}", err=True)
-            sys.exit(EXIT_USAGE)
+            raise BadInput(f"cannot write {output}: {exc.strerror or exc}") from None
         click.echo(f"saved to {output}")
 
 
