@@ -53,8 +53,9 @@ def workload_lines(r: dict[str, Any]) -> list[str]:
     out = []
     space = r.get("address_space")
     if space:
+        every = f", summed over {r['vcpus']} vCPUs' processes" if r["vcpus"] > 1 else ""
         out.append(f"  process      {space['source']}: {space['vmas']} VMAs, {space['resident_pages']} resident pages, "
-                   f"{space['page_tables']} page tables")  # fmt: skip
+                   f"{space['page_tables']} page tables{every}")  # fmt: skip
     mix = r.get("op_mix")
     total = mix["in_lazy"] + mix["outside"] if mix else 0
     if mix and total:
