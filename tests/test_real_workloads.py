@@ -62,15 +62,18 @@ def test_munmap_is_consistent_and_identical_in_every_mode():
 
 
 def test_from_pid_builds_the_live_process_address_space():
-    sleeper = subprocess.Popen(["sleep", "60"])
+    # A shell blocked in 'read' after saying so: its address space holds still while we look twice.
+    sleeper = subprocess.Popen(["bash", "--norc", "-c", "echo ready; read x"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
+        assert sleeper.stdout.readline() == "ready\n"
         expect = summary(parse_maps(capture_pid(sleeper.pid)[0]))
         r = run(mode="multicall", workload="fork", from_pid=sleeper.pid)
     finally:
         sleeper.kill()
-        sleeper.wait()
+        sleeper.communicate()
     assert r["consistent"], r["problems"]
-    assert r["address_space"]["source"] == f"pid {sleeper.pid} (sleep)"
+    assert r["address_space"]["source"] == f"pid {sleeper.pid} (bash)"
     assert r["address_space"]["resident_pages"] == expect["resident_pages"]
     assert r["address_space"]["page_tables"] == expect["page_tables"]
 
