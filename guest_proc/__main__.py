@@ -10,13 +10,18 @@ for the words ``go``, ``check`` and ``quit``, so the supervisor can sample
 context switches around exactly the measured part. Without it, it runs straight
 through.
 
+``--from-maps FILE`` starts the workload from that maps/smaps file's address
+space; ``--trace-out FILE`` records the op stream (``docs/trace.md``);
+``--replay FILE`` replays a trace instead of running a workload.
+
 Exit status: 0 done; 1 bad set-up (the host refused the handshake, memory
-missing); 3 the host refused an op or made no progress; 4 the host died or went
+missing, an unusable maps file or trace); 3 the host refused an op or made no progress; 4 the host died or went
 silent; 128 + N after signal N.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -27,14 +32,18 @@ import time
 import click
 
 from guest_proc.pagetable import OutOfGuestMemory
-from guest_proc.paravirt import MODES, HypercallError
+from guest_proc.paravirt import MODES, HypercallError, KvmParaState
+from guest_proc.procmaps import MapsError
 from guest_proc.shell import GuestError, GuestSession
-from guest_proc.workloads import WORKLOADS, prepare
+from guest_proc.trace import Replay, TracedKvmParaState, TraceRecorder, load_trace, prepare_recorded
+from guest_proc.workloads import WORKLOADS, prepare, prepare_workload
 from protocol.abi import MMU_QUEUE_SIZE
 from protocol.layout import MAX_QUEUE_BYTES, MAX_VCPUS, LayoutError
 from protocol.messages import MessageError
+from protocol.trace import TraceError
 from pvmmu.doorbell import DoorbellTimeout
 from pvmmu.liveness import PeerGone, Terminated, die_with_parent, install_signal_handlers
+from pvmmu.maps import load_vmas
 from pvmmu.options import cpus_option, io_thread_option, parent_pid_option, pin_to
 from pvmmu.shm import SharedMemoryError
 
@@ -106,6 +115,9 @@ def _await(word: str, timeout_s: float) -> None:
 @click.option("--host-pid", type=int, help="Watch this host process from the start (else from the handshake).")
 @parent_pid_option
 @click.option("--barrier", is_flag=True, help="Wait for go/check/quit on stdin between phases.")
+@click.option("--from-maps", help="Start the workload from the address space in this maps/smaps file.")
+@click.option("--trace-out", help="Record the paravirt op stream to this trace file.")
+@click.option("--replay", help="Replay this trace file instead of running a workload.")
 def main(
     endpoint: str,
     vcpu: int,
@@ -122,15 +134,23 @@ def main(
     host_pid: int | None,
     parent_pid: int | None,
     barrier: bool,
+    from_maps: str | None,
+    trace_out: str | None,
+    replay: str | None,
 ) -> None:
     """Run one guest vCPU against a host."""
     pin_to(cpus)  # first, so every thread started later inherits it
     install_signal_handlers()
     die_with_parent(parent_pid)
     session = None
+    recorder = None
     code = 0
     phase = "handshake"
     try:
+        factory = KvmParaState
+        if trace_out:
+            recorder = TraceRecorder(trace_out)
+            factory = functools.partial(TracedKvmParaState, recorder=recorder)
         session = GuestSession(
             endpoint,
             vcpu,
@@ -141,10 +161,26 @@ def main(
             batch_io=io_thread == "batch",
             phases=phases,
             timeline_max=timeline_max,
+            pv_factory=factory,
         )
         phase = "setup"
-        work = prepare(session.kernel, workload, size, seed)
-        _emit({"event": "ready", "pid": os.getpid(), "vcpu": vcpu, "setup_hypercalls": session.seq})
+        expect_digest = None
+        if replay:
+            trace = load_trace(replay)
+            _check_trace_fits(trace.header, session)
+            work = prepare_workload(session.kernel, Replay(session.kernel, trace))
+            expect_digest = trace.trailer["digest"]
+        else:
+            vmas = load_vmas(from_maps) if from_maps else None
+            if recorder is not None:
+                source = f"maps {os.path.basename(from_maps)}" if from_maps else "synthetic"
+                work = prepare_recorded(session.kernel, recorder, workload, size, seed, vmas, source,
+                                        session.layout.vcpus)  # fmt: skip
+            else:
+                work = prepare(session.kernel, workload, size, seed, vmas)
+        space = work.address_space()
+        _emit({"event": "ready", "pid": os.getpid(), "vcpu": vcpu, "setup_hypercalls": session.seq,
+               "address_space": space})  # fmt: skip
         if barrier:
             _await("go", max(timeout, 60.0))
         phase = "run"
@@ -152,11 +188,16 @@ def main(
         t0 = time.perf_counter()
         work.run()
         wall = time.perf_counter() - t0
-        _emit({"event": "done", **session.measured(wall)})
+        _emit({"event": "done", **session.measured(wall), "address_space": space})
         phase = "check"
         if barrier:
             _await("check", max(timeout, 60.0))
-        _emit({"event": "check", "vcpu": vcpu, **session.kernel.check()})
+        check = session.kernel.check()
+        if recorder is not None:
+            recorder.finish(check["digest"], check["entries"])
+        if expect_digest is not None:
+            check["expect_digest"] = expect_digest
+        _emit({"event": "check", "vcpu": vcpu, **check})
         if barrier:
             _await("quit", max(timeout, 60.0))
         session.bye()
@@ -166,13 +207,30 @@ def main(
         code = _fail(EXIT_HYPERCALL, phase, str(exc))
     except (PeerGone, DoorbellTimeout) as exc:
         code = _fail(EXIT_PEER, phase, str(exc))
-    except (GuestError, MessageError, SharedMemoryError, LayoutError, BarrierError, ValueError) as exc:
+    except (GuestError, MessageError, SharedMemoryError, LayoutError, BarrierError, MapsError, TraceError,
+            ValueError) as exc:  # fmt: skip
         code = _fail(EXIT_SETUP, phase, str(exc))
+    except OSError as exc:  # the trace file could not be written
+        code = _fail(EXIT_SETUP, phase, f"{exc.filename or 'file'}: {exc.strerror or exc}")
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)
+        if recorder is not None:
+            recorder.close()
         if session is not None:
             session.close()
     sys.exit(code)
+
+
+def _check_trace_fits(header: dict, session: GuestSession) -> None:
+    """A trace names guest-physical addresses: it replays only into the memory layout it was recorded in."""
+    area = session.pv.area
+    have = (session.layout.mem_bytes, area.pool_gpa, area.pool_bytes)
+    want = (header["mem_bytes"], header["pool_gpa"], header["pool_bytes"])
+    if have != want:
+        raise GuestError(
+            f"the trace was recorded with {want[0] >> 20} MiB of guest memory and a frame pool at {want[1]:#x} "
+            f"({want[2]} bytes); this guest has {have[0] >> 20} MiB, pool {have[1]:#x} ({have[2]} bytes)"
+        )
 
 
 def _fail(code: int, phase: str, message: str) -> int:

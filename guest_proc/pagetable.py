@@ -10,8 +10,9 @@ MMU section, memory lags behind until the queue is flushed, as in the kernel.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from guest_proc.paravirt import KvmParaState
 from protocol.layout import PAGE_SIZE, VcpuArea
@@ -32,6 +33,8 @@ from protocol.x86 import (
 )
 
 LEAF_SPAN = level_span(2)  # 2 MiB: the virtual range one page table (PT) maps
+TASK_SIZE = 1 << 47  # x86-64 user space: [0, 128 TiB)
+MMAP_BASE = 0x7F00_0000_0000  # where top-down mmap() starts looking for room
 
 
 class OutOfGuestMemory(RuntimeError):
@@ -78,6 +81,15 @@ class Vma:
     shared: bool = False
     name: str = ""
     resident: list[int] = field(default_factory=list)  # page-aligned vas with a PTE
+    read: bool = True  # False with write and exec False too: PROT_NONE (a guard page, a reservation)
+
+    @property
+    def accessible(self) -> bool:
+        return self.read or self.write or self.exec
+
+    @property
+    def pages(self) -> int:
+        return (self.end - self.start) // PAGE_SIZE
 
     @property
     def cow(self) -> bool:
@@ -91,6 +103,25 @@ class Vma:
         if not self.exec:
             flags |= PAGE_NX
         return flags
+
+    def vm_page_prot(self) -> int:
+        """The protection ``change_pte_range`` gives present PTEs (protection_map[vm_flags]).
+
+        A private writable mapping is PAGE_COPY: read-only, so the next write
+        faults and do_wp_page decides whether to copy. Only shared mappings get RW.
+        """
+        flags = PAGE_PRESENT | PAGE_USER | PAGE_ACCESSED
+        if self.write and self.shared:
+            flags |= PAGE_RW
+        if not self.exec:
+            flags |= PAGE_NX
+        return flags
+
+    def split(self, addr: int) -> tuple[Vma, Vma]:
+        """The two halves of this VMA at page-aligned ``addr`` (split_vma)."""
+        cut = bisect.bisect_left(self.resident, addr)
+        return (replace(self, end=addr, resident=self.resident[:cut]),
+                replace(self, start=addr, resident=self.resident[cut:]))  # fmt: skip
 
 
 def data_pfn(va: int, pool_pages: int) -> int:
@@ -111,6 +142,44 @@ class AddressSpace:
 
     def table_pages(self) -> set[int]:
         return {self.pgd, *self.tables.values()}
+
+    # -- VMAs (kept sorted by start, never overlapping) ---------------------------
+
+    def find_vma(self, va: int) -> Vma | None:
+        """The VMA containing ``va``, if any."""
+        i = bisect.bisect_right([v.start for v in self.vmas], va) - 1
+        if i >= 0 and va < self.vmas[i].end:
+            return self.vmas[i]
+        return None
+
+    def insert_vma(self, vma: Vma) -> None:
+        starts = [v.start for v in self.vmas]
+        i = bisect.bisect_left(starts, vma.start)
+        if i > 0 and self.vmas[i - 1].end > vma.start or i < len(self.vmas) and self.vmas[i].start < vma.end:
+            raise ValueError(f"VMA {vma.start:#x}-{vma.end:#x} overlaps an existing one")
+        self.vmas.insert(i, vma)
+
+    def vmas_in(self, start: int, end: int) -> list[Vma]:
+        """The VMAs inside [start, end), split at both ends first (as mprotect and munmap do)."""
+        for addr in (start, end):
+            vma = self.find_vma(addr)
+            if vma is not None and vma.start < addr:
+                i = self.vmas.index(vma)
+                self.vmas[i : i + 1] = vma.split(addr)
+        return [v for v in self.vmas if start <= v.start and v.end <= end]
+
+    def get_unmapped_area(self, length: int) -> int:
+        """A free, page-aligned range of ``length`` bytes, top-down from MMAP_BASE (arch_get_unmapped_area_topdown)."""
+        top = MMAP_BASE
+        for vma in reversed(self.vmas):
+            if vma.start >= top:
+                continue
+            if vma.end <= top - length:
+                break
+            top = vma.start
+        if top - length < 1 << 32:
+            raise ValueError(f"no room for a mapping of {length} bytes")
+        return top - length
 
     def leaf_table(self, va: int, create: bool = True) -> int | None:
         """The PT that maps ``va``; allocate missing levels (set_pgd/set_pud/set_pmd) if ``create``."""
@@ -170,30 +239,47 @@ class AddressSpace:
         """Give every VMA its resident pages (setup, before the measured work; the caller batches it)."""
         for vma in self.vmas:
             flags = vma.pte_flags()
-            for lo, hi in self.leaf_chunks(vma):
-                pages = [va for va in vma.resident if lo <= va < hi]
-                if not pages:
-                    continue
-                for va in pages:
-                    self.set_pte(va, make_pte(data_pfn(va, pool_pages), flags))
+            for va in vma.resident:  # sorted: page table by page table, as the kernel's walk
+                self.set_pte(va, make_pte(data_pfn(va, pool_pages), flags))
 
     def free_pgtables(self) -> None:
-        """Unhook and release every table, leaves first (free_pgtables, then pgd_free).
+        """Unhook and release every table, leaves first (free_pgtables, then pgd_free)."""
+        self.free_pgd_range(0, TASK_SIZE, keep=())
+        self.pv.kvm_release_pt(self.pgd)
+        self.frames.free(self.pgd)
 
-        Each parent entry is cleared (pmd_clear/pud_clear/pgd_clear) and the page
-        released, outside lazy mode as in the kernel: each is its own hypercall.
+    def free_pgd_range(self, lo: int, hi: int, keep: list[Vma] | tuple[Vma, ...] | None = None) -> None:
+        """Release the tables under [lo, hi) that no VMA in ``keep`` (default: the mm's) still needs.
+
+        Leaves first. Each parent entry is cleared (pmd_clear/pud_clear/pgd_clear)
+        and the page released, outside lazy mode as in the kernel: each is its own
+        hypercall. A table is kept while any remaining VMA overlaps the range it
+        maps, which is what the kernel's floor/ceiling arguments achieve.
         """
+        keep = self.vmas if keep is None else keep
         for level in (1, 2, 3):
+            span = level_span(level + 1)
             for (lvl, base), table in sorted(self.tables.items()):
-                if lvl != level:
+                if lvl != level or base + span <= lo or base >= hi:
                     continue
+                if any(v.start < base + span and base < v.end for v in keep):
+                    continue
+                if level > 1 and any(lv == level - 1 and base <= b < base + span for lv, b in self.tables):
+                    continue  # a table below it is still in use
                 parent = self.pgd if level == 3 else self.tables[(level + 1, base & ~(level_span(level + 2) - 1))]
                 self.pv.kvm_mmu_write(parent + ENTRY_BYTES * table_index(base, level + 1), 0)
                 self.pv.kvm_release_pt(table)
                 self.frames.free(table)
                 del self.tables[(lvl, base)]
-        self.pv.kvm_release_pt(self.pgd)
-        self.frames.free(self.pgd)
 
 
-__all__ = ["AddressSpace", "FrameAllocator", "OutOfGuestMemory", "PTRS_PER_TABLE", "Vma", "data_pfn"]
+__all__ = [
+    "AddressSpace",
+    "FrameAllocator",
+    "LEAF_SPAN",
+    "OutOfGuestMemory",
+    "PTRS_PER_TABLE",
+    "TASK_SIZE",
+    "Vma",
+    "data_pfn",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 from guest_proc.pagetable import FrameAllocator
@@ -26,7 +27,7 @@ from protocol.messages import (
     pack_hypercall,
     unpack,
 )
-from protocol.theory import hypercalls_for_shape
+from protocol.theory import hypercalls_for_shape, op_mix
 from pvmmu import phases
 from pvmmu.doorbell import caller_for
 from pvmmu.latency import histogram, percentile
@@ -51,8 +52,10 @@ class GuestSession:
         batch_io: bool = False,
         phases: bool = False,
         timeline_max: int = 0,
+        pv_factory: Callable[..., KvmParaState] = KvmParaState,
     ) -> None:
         self.vcpu = vcpu
+        self.pv_factory = pv_factory  # TracedKvmParaState when recording a trace
         self.doorbell = caller_for(endpoint, timeout_s, host_pid, batch_io=batch_io)
         self.memory: GuestMemory | None = None
         self.seq = 0
@@ -81,7 +84,7 @@ class GuestSession:
             raise GuestError("host's welcome and guest memory's layout disagree")
         self.layout = layout
         hypercall = self.hypercall_stamped if self.phases else self.hypercall
-        self.pv = KvmParaState(self.memory.buf, area, hypercall, mode)
+        self.pv = self.pv_factory(self.memory.buf, area, hypercall, mode)
         self.kernel = GuestKernel(self.pv, FrameAllocator(area), layout.mem_bytes // PAGE_SIZE)
 
     def _hello(self) -> dict[str, Any]:
@@ -123,7 +126,7 @@ class GuestSession:
         return GuestError(f"host answered hypercall {seq} with {reply!r} (a host without --phases?)")
 
     def start_measuring(self) -> None:
-        self.pv.reset_counters()
+        self.kernel.reset_counters()
         self.latencies_ns = array("q")
         self.stamps = array("q")
         self.doorbell.rung = 0
@@ -132,11 +135,18 @@ class GuestSession:
         pv = self.pv
         lat = sorted(self.latencies_ns)
         total = pv.ops_total
-        theory = hypercalls_for_shape(pv.shape, pv.mode, pv.queue_bytes, self.welcome["host_limit"])
+        limit = self.welcome["host_limit"]
+        theory = hypercalls_for_shape(pv.shape, pv.mode, pv.queue_bytes, limit)
         return {
             "vcpu": self.vcpu,
             "ops": {**pv.ops, "total": total},
             "theory_hypercalls": theory,
+            # What batching could do with this stream: the patch's hypercalls for it, on paper.
+            "op_mix": {
+                **op_mix(pv.shape),
+                "multicall_hypercalls": hypercalls_for_shape(pv.shape, "multicall", pv.queue_bytes, limit),
+            },
+            "paths": self.kernel.path_counts(),
             "hypercalls": pv.hypercalls,
             "doorbells": self.doorbell.rung,
             "flushes": pv.flushes,

@@ -118,3 +118,21 @@ def hypercalls_for_shape(shape: Iterable[int], mode: str, queue_bytes: int, host
             queued.append(e)
             used += e
     return calls + hypercalls_for_flush(queued, host_limit)
+
+
+def op_mix(shape: Iterable[int]) -> dict[str, int]:
+    """How an op stream divides: ops inside lazy MMU sections, which a queue can batch, and the
+    rest (outside any section, and every release_pt), which take one hypercall each in every mode."""
+    sections = in_lazy = outside = 0
+    lazy = False
+    for e in shape:
+        if e == SHAPE_ENTER:
+            sections += 1
+            lazy = True
+        elif e == SHAPE_LEAVE:
+            lazy = False
+        elif lazy and e != SHAPE_RELEASE_PT:
+            in_lazy += 1
+        else:
+            outside += 1
+    return {"lazy_sections": sections, "in_lazy": in_lazy, "outside": outside}

@@ -60,6 +60,19 @@ def pte_wrprotect(pte: int) -> int:
     return pte & ~_RW
 
 
+def pte_mkwrite(pte: int) -> int:
+    return pte | _RW
+
+
+# What pte_modify() keeps of an entry when its protection changes (_PAGE_CHG_MASK).
+PAGE_CHG_MASK = PTE_PFN_MASK | _ACCESSED | _DIRTY
+
+
+def pte_modify(pte: int, newprot: int) -> int:
+    """``pte`` with the protection bits of ``newprot``; frame, accessed and dirty kept (mprotect)."""
+    return (pte & PAGE_CHG_MASK) | (newprot & ~PAGE_CHG_MASK)
+
+
 def table_digest(pairs: list[tuple[int, int]]) -> str:
     """Digest of page-table contents given as (entry gpa, value) pairs, in any order.
 

@@ -30,9 +30,16 @@ def run_options(f: Any) -> Any:
     """The options every command that launches pairs shares."""
     options = [
         click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="writes", show_default=True,
-                     help="Guest MMU work: writes (N write_pte in one lazy section), fork, exit."),
+                     help="Guest MMU work: writes (N write_pte in one lazy section), fork, exit, mprotect, munmap "
+                          "(batched in lazy sections), faults (demand faults: nothing to batch), mixed (a busy guest)."),
         click.option("--ops", type=click.IntRange(1), default=10000, show_default=True,
-                     help="Size: write_pte count for writes; resident pages for fork and exit."),
+                     help="Size: write_pte count for writes; faults for faults; resident pages of the starting "
+                          "process for the others (unless --from-maps/--from-pid gives the process)."),
+        click.option("--from-maps", metavar="FILE",
+                     help="Start from the address space in this /proc/PID/smaps (or maps) file, or a shipped "
+                          "capture named bash, python3 or node (see 'pvmmu maps')."),
+        click.option("--from-pid", type=int, metavar="PID",
+                     help="Start from the address space of this live process (its /proc/PID/smaps, read once)."),
         click.option("--seed", type=int, default=1, show_default=True, help="Seed of the workload's randomness."),
         click.option("--queue-bytes", type=click.IntRange(24, MAX_QUEUE_BYTES), default=MMU_QUEUE_SIZE,
                      show_default=True, help="Guest per-vCPU mmu_queue size (the patch: 1024)."),
@@ -115,3 +122,7 @@ def _guarded(action: Any) -> Any:
     except Terminated as t:
         click.echo(f"pvmmu: {t}; the pair was torn down", err=True)
         sys.exit(t.exit_code)
+
+
+# Commands that live in their own modules register themselves on ``main`` when imported.
+from pvmmu import cli_workloads  # noqa: E402, F401  (record, replay, maps)

@@ -36,7 +36,9 @@ def format_run(r: dict[str, Any]) -> str:
         f"pvmmu run: mode {r['mode']}, workload {r['workload']} (size {r['size']}, seed {r['seed']}), "
         f"{r['vcpus']} vCPU{'s' if r['vcpus'] != 1 else ''}, queue {r['queue_bytes']} B, "
         f"host limit {r['host_limit']} B",
-        f"  conditions   doorbell {r['doorbell']}, I/O threads {r['io_thread']}, {placement_text(r.get('placement'))}",
+        f"  conditions   doorbell {r['doorbell']}"
+        + (f", I/O threads {r['io_thread']}" if r["doorbell"] == "zmq" else " (no helper threads)")
+        + f", {placement_text(r.get('placement'))}",
         f"  ops          {ops['total']}  (write_pte {ops['write_pte']}, flush_tlb {ops['flush_tlb']}, "
         f"release_pt {ops['release_pt']})",
         f"  hypercalls   {r['hypercalls']}  ({r['ops_per_hypercall']:.1f} ops each{th}), doorbells {r['doorbells']}",
@@ -46,6 +48,7 @@ def format_run(r: dict[str, Any]) -> str:
         f"               host  {cs['host']['total']} ({_threads(cs['host'])})",
         f"               total {cs['total']}, {cs['per_op']:.3f} per op",
     ]
+    lines += workload_lines(r)
     cpu = r.get("cpu_s")
     if cpu:
         lines.append(
@@ -85,3 +88,38 @@ def format_run(r: dict[str, Any]) -> str:
         lines.append("  consistent   NO")
         lines += [f"    - {p}" for p in r["problems"]]
     return "\n".join(lines)
+
+
+def workload_lines(r: dict[str, Any]) -> list[str]:
+    """Where the run's ops came from and how much of them batching can reach at all."""
+    out = []
+    space = r.get("address_space")
+    if space:
+        every = f", summed over {r['vcpus']} vCPUs' processes" if r["vcpus"] > 1 else ""
+        out.append(f"  process      {space['source']}: {space['vmas']} VMAs, {space['resident_pages']} resident pages, "
+                   f"{space['page_tables']} page tables{every}")  # fmt: skip
+    mix = r.get("op_mix")
+    total = mix["in_lazy"] + mix["outside"] if mix else 0
+    if mix and total:
+        best = mix["best_reduction"]
+        if best < 1.1:
+            out.append(f"  op mix       {mix['outside']} of {total} ops outside lazy MMU sections: nothing to batch, "
+                       f"so every mode makes about one hypercall per op (best possible reduction {best:.2f}x)")  # fmt: skip
+        else:
+            out.append(f"  op mix       {mix['in_lazy']} of {total} ops ({100 * mix['in_lazy'] / total:.1f}%) in "
+                       f"{mix['lazy_sections']} lazy MMU sections, {mix['outside']} outside them; "
+                       f"batching can cut hypercalls {best:.1f}x at most")  # fmt: skip
+    paths = r.get("paths") or {}
+    width = max((len(name) for name in paths), default=0)
+    for i, (name, p) in enumerate(paths.items()):
+        each = p["ops"] / p["hypercalls"] if p["hypercalls"] else 0.0
+        out.append(f"  {'paths' if i == 0 else '':<13}{name:<{width}} {p['calls']:>6} calls {p['ops']:>8} ops "
+                   f"{p['hypercalls']:>7} hypercalls ({each:.1f} ops each)")  # fmt: skip
+    trace = r.get("trace")
+    if trace and "recorded_digest" in trace:
+        agree = "match the recording" if trace["matches"] else "DIFFER from the recording"
+        out.append(f"  trace        replayed {trace['file']}: {trace['events']} events ({trace['run_events']} measured); "
+                   f"page tables {agree} (digest {trace['recorded_digest'][:12]})")  # fmt: skip
+    elif trace:
+        out.append(f"  trace        wrote {trace['events']} events ({trace['run_events']} measured) to {trace['file']}")
+    return out

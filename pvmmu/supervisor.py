@@ -67,6 +67,10 @@ class RunConfig:
     timeline_max: int = 10_000
     timeout: float = 10.0  # any single reply or handshake
     max_seconds: float = 3600.0  # the whole measured part
+    from_maps: str | None = None  # start from this maps/smaps file's address space (or a shipped capture's name)
+    from_pid: int | None = None  # start from this live process's address space (/proc/PID/smaps)
+    trace_out: str | None = None  # record the guest's op stream to this trace file
+    replay: str | None = None  # replay this trace file instead of running the workload
 
 
 def runtime_dir() -> str:
@@ -355,6 +359,8 @@ class Links:
 
 def run_pair(cfg: RunConfig) -> dict[str, Any]:
     """One measured run; returns the run record (see README). Raises RunError."""
+    from pvmmu.inputs import finish_outputs, prepare_inputs, record_details  # imports this module
+
     sweep_stale()
     host_cpus, guest_cpus = placement_plan(cfg.placement, cfg.vcpus)
     phases_on = cfg.phases or cfg.timeline is not None
@@ -366,6 +372,7 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
     control: HostControl | None = None
     shm_name: str | None = None
     try:
+        inputs = prepare_inputs(cfg, rundir)  # every input file checked before any process starts
         host = Child(
             "host",
             [
@@ -412,6 +419,7 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
                     *(["--phases"] if phases_on else []),
                     *(["--timeline-max", str(cfg.timeline_max)] if cfg.timeline else []),
                     *(["--cpus", _cpu_list(guest_cpus[v])] if guest_cpus[v] else []),
+                    *inputs.guest_argv,
                 ],
                 rundir,
                 links.guest_fds(v),
@@ -480,6 +488,9 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
             except OSError as exc:
                 raise RunError(f"cannot write the timeline to {cfg.timeline}: {exc.strerror}") from None
             record["timeline"] = {"path": cfg.timeline, "events": len(trace["traceEvents"])}
+        record.update(record_details(inputs, done, checks))
+        if cfg.trace_out:
+            record["trace"] = finish_outputs(cfg, inputs)
         return record
     finally:
         # Tear down without being interrupted: a second Ctrl-C must not leave a leak.
@@ -528,6 +539,9 @@ def build_record(
             problems.append(f"vCPU {v}: guest memory differs from its page tables in {c['mismatches']} entries")
         if not agrees:
             problems.append(f"vCPU {v}: host and guest digests of the page tables differ")
+        if c.get("expect_digest", c["digest"]) != c["digest"]:
+            problems.append(f"vCPU {v}: the replayed trace left page tables {c['digest'][:12]}, "
+                            f"the recording left {c['expect_digest'][:12]}")  # fmt: skip
         if (host_v["hypercalls"], host_v["ops"]["total"]) != (d["hypercalls"], d["ops"]["total"]):
             problems.append(
                 f"vCPU {v}: host served {host_v['hypercalls']} hypercalls / {host_v['ops']['total']} ops, "

@@ -12,6 +12,8 @@ def test_distribution_ships_all_four_packages():
     files = {str(f) for f in metadata.files("pvmmu") or []}
     for module in ("protocol/abi.py", "host_proc/__main__.py", "guest_proc/__main__.py", "pvmmu/cli.py"):
         assert any(f.endswith(module) for f in files), f"{module} is not installed"
+    for capture in ("bash", "python3", "node"):  # package data: --from-maps NAME must work after pip install
+        assert any(f.endswith(f"guest_proc/captures/{capture}.smaps") for f in files), f"{capture} capture missing"
 
 
 def test_console_script_and_module_entry_points():

@@ -30,7 +30,11 @@ def final_state(pair) -> tuple:
     return guest["digest"], tuple(sorted(pair.pv.ops.items()))
 
 
-@pytest.mark.parametrize("workload, size", [("writes", 500), ("fork", 300), ("exit", 300)])
+@pytest.mark.parametrize(
+    "workload, size",
+    [("writes", 500), ("fork", 300), ("exit", 300), ("mprotect", 300), ("munmap", 300), ("faults", 300),
+     ("mixed", 150)],
+)  # fmt: skip
 def test_every_mode_issues_the_same_ops_and_ends_in_the_same_state(pair_factory, workload, size):
     results = {}
     for mode in MODES:
@@ -103,10 +107,10 @@ def test_same_seed_same_stream_other_seed_other_stream(pair_factory):
 def test_unknown_workload_is_refused(pair_factory):
     with pytest.raises(ValueError, match="unknown workload 'nope'"):
         prepare(pair_factory().kernel, "nope", 1, 1)
-    assert set(WORKLOADS) == {"writes", "fork", "exit"}
+    assert set(WORKLOADS) == {"writes", "fork", "exit", "mprotect", "munmap", "faults", "mixed"}
 
 
-@pytest.mark.parametrize("workload", ["writes", "fork", "exit"])
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
 @pytest.mark.parametrize("queue, limit", [(1024, 512), (1024, 1024), (4096, 512), (128, 512)])
 def test_the_op_streams_shape_priced_on_paper_matches_the_real_flushes(pair_factory, workload, queue, limit):
     for mode in MODES:
