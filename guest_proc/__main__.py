@@ -105,6 +105,13 @@ def _await(word: str, timeout_s: float) -> None:
 @io_thread_option
 @click.option("--phases", is_flag=True, help="Stamp every hypercall and report where its time went.")
 @click.option(
+    "--spin-us",
+    type=click.FloatRange(0),
+    default=50.0,
+    show_default=True,
+    help="Ring mode: how long a vCPU waiting for the host spins before it sleeps on a completion.",
+)
+@click.option(
     "--timeline-max",
     type=click.IntRange(0),
     default=0,
@@ -129,6 +136,7 @@ def main(
     timeout: float,
     io_thread: str,
     phases: bool,
+    spin_us: float,
     timeline_max: int,
     cpus: str | None,
     host_pid: int | None,
@@ -162,6 +170,7 @@ def main(
             phases=phases,
             timeline_max=timeline_max,
             pv_factory=factory,
+            spin_us=spin_us,
         )
         phase = "setup"
         expect_digest = None

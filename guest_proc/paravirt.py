@@ -24,8 +24,10 @@ slot's "stack" page, as the kernel built them on its stack.
 from __future__ import annotations
 
 import struct
+import time
 from array import array
 from collections.abc import Callable
+from typing import Protocol
 
 from protocol.abi import (
     FLUSH_TLB,
@@ -34,6 +36,7 @@ from protocol.abi import (
     KVM_MMU_OP_RELEASE_PT,
     KVM_MMU_OP_WRITE_PTE,
     OP_SIZE,
+    PVMMU_HC_RING_SETUP,
     RELEASE_PT,
     WRITE_PTE,
     describe_op,
@@ -41,16 +44,27 @@ from protocol.abi import (
     peek_op,
 )
 from protocol.layout import PAGE_SIZE, PARA_STATE_TAIL, VcpuArea
+from protocol.ring import ERROR_AT, MAX_RING_BYTES, Ring, RingProducer
 from protocol.theory import SHAPE_ENTER, SHAPE_LEAVE, SHAPE_RELEASE_PT
 from protocol.x86 import ENTRY_BYTES, PTRS_PER_TABLE
 
-MODES = ("direct", "queued", "multicall")
+MODES = ("direct", "queued", "multicall", "ring")
 
 # enum paravirt_lazy_mode
 PARAVIRT_LAZY_NONE = 0
 PARAVIRT_LAZY_MMU = 1
 
 Hypercall = Callable[[int, int, int, int], int]
+
+
+def ring_capacity(queue_bytes: int) -> int:
+    """Ring mode: room for four queues of ops (two at least), so the guest keeps producing while
+    the host drains the previous ones."""
+    capacity = min(4 * queue_bytes, MAX_RING_BYTES) // 8 * 8
+    if capacity < 2 * queue_bytes:
+        raise ValueError(f"ring mode needs a queue of at most {MAX_RING_BYTES // 2} bytes, not {queue_bytes}")
+    return capacity
+
 
 _PAGE_ENTRIES = struct.Struct(f"<{PTRS_PER_TABLE}Q")
 
@@ -64,10 +78,28 @@ class HypercallError(RuntimeError):
         self.gpa = gpa
 
 
+class RingPort(Protocol):
+    """What ring mode needs from the process shell: the two doorbells, neither with a reply."""
+
+    def kick(self) -> None:
+        """Wake a host that set NEED_WAKEUP."""
+
+    def sleep(self) -> None:
+        """Block until the host sends a completion (bounded: raises if the host dies or goes silent)."""
+
+
 class KvmParaState:
     """One vCPU's paravirtual MMU: ``kvm_para_state`` plus the ops that use it."""
 
-    def __init__(self, mem: memoryview, area: VcpuArea, hypercall: Hypercall, mode: str = "multicall") -> None:
+    def __init__(
+        self,
+        mem: memoryview,
+        area: VcpuArea,
+        hypercall: Hypercall,
+        mode: str = "multicall",
+        ring_port: RingPort | None = None,
+        spin_us: float = 50.0,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mem = mem
@@ -79,6 +111,12 @@ class KvmParaState:
         self.stack_gpa = area.stack_gpa
         self.mmu_queue_len = 0
         self.lazy_mode = PARAVIRT_LAZY_NONE
+        # Ring mode: the vCPU slot holds the op ring instead of struct kvm_para_state.
+        self.ring: RingProducer | None = None
+        self.ring_port = ring_port
+        self.spin_s = spin_us / 1e6
+        if mode == "ring":
+            self._ring_setup()
         self._store_state()
         # What the guest meant its page tables to hold: entry gpa -> value (nonzero only).
         self.intent: dict[int, int] = {}
@@ -86,8 +124,10 @@ class KvmParaState:
 
     def reset_counters(self) -> None:
         self.ops = {"write_pte": 0, "flush_tlb": 0, "release_pt": 0}
-        self.hypercalls = 0
+        self.hypercalls = 0  # in ring mode: flushes (publishes); the doorbells rung are counted by the port
         self.flushes = 0  # mmu_queue_flush calls that had something to flush
+        self.ring_waits = 0  # ring mode: waits for the host, and how many of them had to sleep
+        self.ring_sleeps = 0
         # The op stream's shape, a byte per event, whatever the mode: sizes of deferrable
         # ops, release_pt, lazy section boundaries. protocol.theory prices it on paper.
         self.shape = array("b")
@@ -107,7 +147,9 @@ class KvmParaState:
     def mmu_queue_flush(self) -> None:
         if self.mmu_queue_len:
             self.flushes += 1
-            if self.mode == "queued":
+            if self.ring is not None:
+                self._ring_publish()
+            elif self.mode == "queued":
                 self._flush_one_by_one()
             else:
                 self.kvm_mmu_op(self.queue_gpa, self.mmu_queue_len)
@@ -118,14 +160,28 @@ class KvmParaState:
         """Issue the op now outside lazy MMU mode; inside it, queue it (flushing first if full)."""
         size = layout.size
         if self.lazy_mode != PARAVIRT_LAZY_MMU:
-            layout.pack_into(self.mem, self.stack_gpa, *fields)
-            self.kvm_mmu_op(self.stack_gpa, size)
+            self._mmu_op_now(layout, *fields)
             return
         if self.mmu_queue_len + size > self.queue_bytes:
             self.mmu_queue_flush()
-        layout.pack_into(self.mem, self.queue_gpa + self.mmu_queue_len, *fields)
+        if self.ring is not None:
+            self._ring_append(layout.pack(*fields))
+        else:
+            layout.pack_into(self.mem, self.queue_gpa + self.mmu_queue_len, *fields)
         self.mmu_queue_len += size
         self._store_state()
+
+    def _mmu_op_now(self, layout: struct.Struct, *fields: int) -> None:
+        """An op that is not deferred: built on the stack, handed over, done before we return."""
+        if self.ring is not None:
+            # Its own flush. The ring is in order, so it also publishes any ops queued before it
+            # (the patch sent it ahead of them); the queue's own flush points stay where they were.
+            self._ring_append(layout.pack(*fields))
+            self._ring_publish()
+            self._ring_wait(self.ring.tail)
+            return
+        layout.pack_into(self.mem, self.stack_gpa, *fields)
+        self.kvm_mmu_op(self.stack_gpa, layout.size)
 
     def kvm_mmu_write(self, dest: int, val: int) -> None:
         """Set the page-table entry at guest-physical ``dest`` (set_pte, set_pmd, pte_clear, ...)."""
@@ -149,8 +205,7 @@ class KvmParaState:
         page = pt_phys & ~(PAGE_SIZE - 1)
         for gpa in range(page, page + PAGE_SIZE, ENTRY_BYTES):
             self.intent.pop(gpa, None)
-        RELEASE_PT.pack_into(self.mem, self.stack_gpa, KVM_MMU_OP_RELEASE_PT, 0, pt_phys)
-        self.kvm_mmu_op(self.stack_gpa, RELEASE_PT.size)
+        self._mmu_op_now(RELEASE_PT, KVM_MMU_OP_RELEASE_PT, 0, pt_phys)
 
     def kvm_enter_lazy_mmu(self) -> None:
         self.shape.append(SHAPE_ENTER)
@@ -161,8 +216,64 @@ class KvmParaState:
     def kvm_leave_lazy_mmu(self) -> None:
         self.shape.append(SHAPE_LEAVE)
         self.mmu_queue_flush()
+        if self.ring is not None:  # still synchronous: the caller is about to use these mappings
+            self._ring_wait(self.ring.tail)
         self.lazy_mode = PARAVIRT_LAZY_NONE
         self._store_state()
+
+    # -- ring mode (beyond the patch: protocol.ring) -------------------------------
+
+    def _ring_setup(self) -> None:
+        capacity = ring_capacity(self.queue_bytes)
+        self.ring = RingProducer(Ring(self.mem, self.queue_gpa, capacity))
+        r = self.hypercall(PVMMU_HC_RING_SETUP, capacity, self.queue_gpa & 0xFFFFFFFF, self.queue_gpa >> 32)
+        if r != 0:
+            raise HypercallError(f"host refused the op ring at gpa {self.queue_gpa:#x}: {errno_name(r)}", r, 0)
+
+    def _ring_append(self, blob: bytes) -> None:
+        ring = self.ring
+        assert ring is not None
+        if not ring.append(blob):
+            # Full of published ops the host has not consumed yet (the capacity is at least two
+            # queues, so what is unpublished always fits once those are gone): wait for room.
+            self._ring_wait(ring.tail + len(blob) - ring.ring.capacity)
+            ring.append(blob)
+
+    def _ring_publish(self) -> None:
+        """A flush: make the batch visible; ring the doorbell only if the host said it sleeps."""
+        assert self.ring is not None
+        self.hypercalls += 1
+        if self.ring.publish():
+            assert self.ring_port is not None
+            self.ring_port.kick()
+
+    def _ring_wait(self, target: int) -> None:
+        """Until the host has consumed up to ``target``: spin briefly, then sleep on a completion."""
+        ring = self.ring
+        assert ring is not None and self.ring_port is not None
+        if ring.consumed(target):
+            return
+        self.ring_waits += 1
+        spin_until = time.perf_counter() + self.spin_s
+        while not ring.consumed(target) and not ring.ring.error:
+            if time.perf_counter() < spin_until:
+                continue
+            if ring.prepare_to_wait(target):
+                self.ring_sleeps += 1
+                try:
+                    self.ring_port.sleep()
+                finally:
+                    ring.done_waiting()
+        if ring.ring.error:
+            raise self._ring_failed()
+
+    def _ring_failed(self) -> HypercallError:
+        ring = self.ring.ring  # type: ignore[union-attr]
+        at = ring.words[ERROR_AT]
+        blob = ring.read(at, 24)
+        return HypercallError(
+            f"host refused {describe_op(blob, 0)} at ring position {at}: {errno_name(ring.error)}", ring.error, at
+        )
 
     # -- helpers -----------------------------------------------------------------
 
@@ -177,6 +288,8 @@ class KvmParaState:
             off += size
 
     def _store_state(self) -> None:
+        if self.ring is not None:
+            return  # the slot holds the ring, not struct kvm_para_state
         PARA_STATE_TAIL.pack_into(self.mem, self.area.queue_len_gpa, self.mmu_queue_len, self.lazy_mode)
 
     def _no_progress(self, r: int, gpa: int, length: int) -> HypercallError:

@@ -19,12 +19,15 @@ from guest_proc.workloads import GuestKernel
 from protocol.layout import PAGE_SIZE, Layout
 from protocol.messages import (
     PROTOCOL_VERSION,
+    Complete,
+    Message,
     Reject,
     Return,
     Welcome,
     pack_bye,
     pack_hello,
     pack_hypercall,
+    pack_kick,
     unpack,
 )
 from protocol.theory import hypercalls_for_shape, op_mix
@@ -53,9 +56,11 @@ class GuestSession:
         phases: bool = False,
         timeline_max: int = 0,
         pv_factory: Callable[..., KvmParaState] = KvmParaState,
+        spin_us: float = 50.0,
     ) -> None:
         self.vcpu = vcpu
         self.pv_factory = pv_factory  # TracedKvmParaState when recording a trace
+        self.spin_us = spin_us  # ring mode: how long a waiting vCPU spins before it sleeps
         self.doorbell = caller_for(endpoint, timeout_s, host_pid, batch_io=batch_io)
         self.memory: GuestMemory | None = None
         self.seq = 0
@@ -84,7 +89,7 @@ class GuestSession:
             raise GuestError("host's welcome and guest memory's layout disagree")
         self.layout = layout
         hypercall = self.hypercall_stamped if self.phases else self.hypercall
-        self.pv = self.pv_factory(self.memory.buf, area, hypercall, mode)
+        self.pv = self.pv_factory(self.memory.buf, area, hypercall, mode, self, spin_us=self.spin_us)
         self.kernel = GuestKernel(self.pv, FrameAllocator(area), layout.mem_bytes // PAGE_SIZE)
 
     def _hello(self) -> dict[str, Any]:
@@ -102,6 +107,8 @@ class GuestSession:
         raw = self.doorbell.call(pack_hypercall(self.vcpu, seq, nr, a0, a1, a2), "hypercall", seq)
         self.latencies_ns.append(time.perf_counter_ns() - t0)
         reply = unpack(raw)
+        if type(reply) is Complete:  # a ring completion that arrived late: not our answer
+            reply = self._answer(seq)
         if type(reply) is Return and reply.seq == seq:
             return reply.ret
         raise self._bad_reply(seq, reply)
@@ -114,10 +121,28 @@ class GuestSession:
         t_resume = time.monotonic_ns()
         self.latencies_ns.append(t_resume - t0)
         reply = unpack(raw)
+        if type(reply) is Complete:
+            reply = self._answer(seq)
         if type(reply) is Return and reply.seq == seq and reply.stamps is not None:
             self.stamps.extend((t0, self.doorbell.sent_ns, *reply.stamps, t_resume))
             return reply.ret
         raise self._bad_reply(seq, reply)
+
+    def _answer(self, seq: int | None) -> Message:
+        """Wait for the answer to a call, skipping ring completions that were already in flight."""
+        while True:
+            reply = unpack(self.doorbell.wait_message("hypercall" if seq else "bye", seq))
+            if type(reply) is not Complete:
+                return reply
+
+    # ring mode's doorbells (guest_proc.paravirt.RingPort)
+    def kick(self) -> None:
+        self.doorbell.notify(pack_kick(self.vcpu), "a ring kick")
+
+    def sleep(self) -> None:
+        reply = unpack(self.doorbell.wait_message("a ring completion"))
+        if isinstance(reply, Reject):
+            raise GuestError(f"host rejected the ring: {reply.reason}")
 
     @staticmethod
     def _bad_reply(seq: int, reply: object) -> GuestError:
@@ -150,6 +175,7 @@ class GuestSession:
             "hypercalls": pv.hypercalls,
             "doorbells": self.doorbell.rung,
             "flushes": pv.flushes,
+            "ring": {"waits": pv.ring_waits, "sleeps": pv.ring_sleeps} if pv.ring is not None else None,
             "wall_s": wall_s,
             "ops_per_s": total / wall_s if wall_s > 0 else 0.0,
             "hypercall_latency_us": {
@@ -171,7 +197,9 @@ class GuestSession:
         return report
 
     def bye(self) -> None:
-        self.doorbell.call(pack_bye(self.vcpu), "bye")
+        reply = unpack(self.doorbell.call(pack_bye(self.vcpu), "bye"))
+        if type(reply) is Complete:
+            self._answer(None)
 
     def close(self) -> None:
         # Drop every view of guest memory before unmapping it; never unlink it.

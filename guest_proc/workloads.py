@@ -543,7 +543,10 @@ def prepare(kernel: GuestKernel, name: str, size: int, seed: int, vmas: list[Vma
 def prepare_workload(kernel: GuestKernel, workload: Workload) -> Workload:
     """Run ``workload``'s setup, batched whatever the mode (unmeasured); zero the counters."""
     pv = kernel.pv
-    mode, pv.mode = pv.mode, "multicall"
+    # direct and queued would make setup one hypercall per op; ring mode batches already (and
+    # its slot holds the ring, so the multicall queue must not be written there).
+    mode = pv.mode
+    pv.mode = mode if mode == "ring" else "multicall"
     try:
         if workload.batched_setup:
             pv.kvm_enter_lazy_mmu()

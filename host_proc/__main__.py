@@ -48,6 +48,13 @@ _TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 )
 @io_thread_option
 @click.option("--phases", is_flag=True, help="Stamp every hypercall (received, applied, answered) in its reply.")
+@click.option(
+    "--poll-us",
+    type=click.FloatRange(0),
+    default=50.0,
+    show_default=True,
+    help="Ring mode: keep polling the rings this long after the last work before sleeping on the doorbell.",
+)
 @cpus_option
 @parent_pid_option
 @click.option("--token-stdin", is_flag=True, help="Read the supervisor's control token from the first stdin line.")
@@ -58,6 +65,7 @@ def main(
     host_limit: int,
     io_thread: str,
     phases: bool,
+    poll_us: float,
     cpus: str | None,
     parent_pid: int | None,
     token_stdin: bool,
@@ -86,6 +94,7 @@ def main(
                 token=token,
                 parent=PidWatch(parent_pid) if parent_pid else None,
                 phases=phases,
+                poll_us=poll_us,
             )
             _emit(
                 {

@@ -32,21 +32,38 @@ from dataclasses import dataclass, field
 
 from host_proc.shadow import ShadowCheck, ShadowMmu
 from protocol.abi import (
+    KVM_E2BIG,
     KVM_EFAULT,
+    KVM_EINVAL,
     KVM_ENOSYS,
+    KVM_EOPNOTSUPP,
     KVM_HC_MMU_OP,
     KVM_MMU_OP_FLUSH_TLB,
     KVM_MMU_OP_WRITE_PTE,
     KVM_PV_MMU_OP_BUFFER,
     OP_SIZE,
+    PVMMU_HC_RING_SETUP,
     RELEASE_PT,
     WRITE_PTE,
     peek_op,
 )
 from protocol.layout import Layout
 from protocol.messages import hc_gpa
+from protocol.ring import Ring, RingConsumer, RingError
 
 _U64 = struct.Struct("<Q")
+
+# What each refusal returns (negated): RAX for a hypercall, the error word of a ring.
+REFUSAL_CODES = {
+    "unknown hypercall": KVM_ENOSYS,
+    "buffer outside guest memory": KVM_EFAULT,
+    "unknown op code": KVM_EOPNOTSUPP,
+    "misaligned pte_phys": KVM_EINVAL,
+    "pte_phys outside guest memory": KVM_EFAULT,
+    "pt_phys outside guest memory": KVM_EFAULT,
+    "ring outside the vCPU's slot": KVM_EINVAL,
+    "ring that does not fit": KVM_EINVAL,
+}
 
 
 @dataclass
@@ -59,6 +76,7 @@ class VcpuCounters:
     flush_tlb: int = 0
     release_pt: int = 0
     partial: int = 0  # hypercalls offering more bytes than the host copies
+    ring_passes: int = 0  # ring mode: drains that consumed something
     refused: dict[str, int] = field(default_factory=dict)  # reason -> count
 
     def as_dict(self) -> dict:
@@ -72,6 +90,7 @@ class VcpuCounters:
                 "total": self.write_pte + self.flush_tlb + self.release_pt,
             },
             "partial": self.partial,
+            "ring_passes": self.ring_passes,
             "refused": dict(self.refused),
         }
 
@@ -91,6 +110,7 @@ class Kvm:
         self.shadow = ShadowMmu()
         self.counters: dict[int, VcpuCounters] = {}
         self.first_refusals: list[str] = []  # the first time each reason was seen, for the log
+        self.rings: dict[int, RingConsumer] = {}  # ring mode: vCPU -> its op ring
 
     # -- the hypercall path --------------------------------------------------------
 
@@ -100,21 +120,21 @@ class Kvm:
         c.hypercalls += 1
         if nr == KVM_HC_MMU_OP:
             return self.kvm_pv_mmu_op(vcpu, a0, hc_gpa(a1, a2))
-        self._refuse(c, "unknown hypercall", f"hypercall nr {nr}")
-        return -KVM_ENOSYS
+        if nr == PVMMU_HC_RING_SETUP:
+            return self.kvm_pv_ring_setup(vcpu, a0, hc_gpa(a1, a2))
+        return self._refuse(c, "unknown hypercall", f"hypercall nr {nr}")
 
     def kvm_pv_mmu_op(self, vcpu: int, nbytes: int, gpa: int) -> int:
         """Apply up to ``host_limit`` bytes of the op buffer at ``gpa``; return bytes processed."""
         c = self._counters(vcpu)
         n = min(nbytes, self.host_limit)
         if gpa + n > self.mem_bytes:
-            self._refuse(c, "buffer outside guest memory", f"{n} bytes at gpa {gpa:#x}")
-            return -KVM_EFAULT
+            return self._refuse(c, "buffer outside guest memory", f"{n} bytes at gpa {gpa:#x}")
         buf = self.kvm_read_guest(gpa, n)
         processed = 0
         while processed < n:
             r = self.kvm_pv_mmu_op_one(vcpu, c, buf, processed, n)
-            if r == 0:
+            if r <= 0:
                 break
             processed += r
         if n < nbytes:
@@ -127,45 +147,93 @@ class Kvm:
         return bytes(self.mem[gpa : gpa + n])
 
     def kvm_pv_mmu_op_one(self, vcpu: int, c: VcpuCounters, buf: bytes, off: int, end: int) -> int:
-        """Apply the op at ``off``; return its size, or 0 to stop the walk here."""
+        """Apply the op at ``off``: its size if applied, 0 if cut off at ``end``, -KVM_E* if refused."""
         code, size = peek_op(buf, off, end)
         if size == 0:
             if code is not None and code not in OP_SIZE:
-                self._refuse(c, "unknown op code", f"op code {code} at offset {off}")
+                return self._refuse(c, "unknown op code", f"op code {code} at offset {off}")
             return 0  # truncated: the end of this copy (or of the guest's buffer)
         if code == KVM_MMU_OP_WRITE_PTE:
             _, _, pte_phys, pte_val = WRITE_PTE.unpack_from(buf, off)
-            return size if self.kvm_pv_mmu_write(vcpu, c, pte_phys, pte_val) else 0
-        if code == KVM_MMU_OP_FLUSH_TLB:
-            return size if self.kvm_pv_mmu_flush_tlb(vcpu, c) else 0
-        _, _, pt_phys = RELEASE_PT.unpack_from(buf, off)
-        return size if self.kvm_pv_mmu_release_pt(vcpu, c, pt_phys) else 0
+            r = self.kvm_pv_mmu_write(vcpu, c, pte_phys, pte_val)
+        elif code == KVM_MMU_OP_FLUSH_TLB:
+            r = self.kvm_pv_mmu_flush_tlb(vcpu, c)
+        else:
+            _, _, pt_phys = RELEASE_PT.unpack_from(buf, off)
+            r = self.kvm_pv_mmu_release_pt(vcpu, c, pt_phys)
+        return size if r == 0 else r
 
-    def kvm_pv_mmu_write(self, vcpu: int, c: VcpuCounters, pte_phys: int, pte_val: int) -> bool:
-        """Write the guest's page-table entry on its behalf and update the shadow."""
+    def kvm_pv_mmu_write(self, vcpu: int, c: VcpuCounters, pte_phys: int, pte_val: int) -> int:
+        """Write the guest's page-table entry on its behalf and update the shadow; 0 or -KVM_E*."""
         if pte_phys & 7 or pte_phys + 8 > self.mem_bytes:
             why = "misaligned pte_phys" if pte_phys & 7 else "pte_phys outside guest memory"
-            self._refuse(c, why, f"write_pte(pte_phys={pte_phys:#x}, pte_val={pte_val:#x})")
-            return False
+            return self._refuse(c, why, f"write_pte(pte_phys={pte_phys:#x}, pte_val={pte_val:#x})")
         _U64.pack_into(self.mem, pte_phys, pte_val)
         self.shadow.write(vcpu, pte_phys, pte_val)
         c.write_pte += 1
-        return True
+        return 0
 
-    def kvm_pv_mmu_flush_tlb(self, vcpu: int, c: VcpuCounters) -> bool:
+    def kvm_pv_mmu_flush_tlb(self, vcpu: int, c: VcpuCounters) -> int:
         """kvm_set_cr3(vcpu, cr3): drop the vCPU's cached translations."""
         self.shadow.flush_tlb(vcpu)
         c.flush_tlb += 1
-        return True
+        return 0
 
-    def kvm_pv_mmu_release_pt(self, vcpu: int, c: VcpuCounters, pt_phys: int) -> bool:
-        """mmu_unshadow(): the page at ``pt_phys`` is no longer a page table."""
+    def kvm_pv_mmu_release_pt(self, vcpu: int, c: VcpuCounters, pt_phys: int) -> int:
+        """mmu_unshadow(): the page at ``pt_phys`` is no longer a page table; 0 or -KVM_E*."""
         if pt_phys >= self.mem_bytes:
-            self._refuse(c, "pt_phys outside guest memory", f"release_pt(pt_phys={pt_phys:#x})")
-            return False
+            return self._refuse(c, "pt_phys outside guest memory", f"release_pt(pt_phys={pt_phys:#x})")
         self.shadow.unshadow(pt_phys)
         c.release_pt += 1
-        return True
+        return 0
+
+    # -- ring mode (beyond the patch: protocol.ring) --------------------------------
+
+    def kvm_pv_ring_setup(self, vcpu: int, capacity: int, gpa: int) -> int:
+        """Register vCPU ``vcpu``'s op ring, which must sit at the start of its own slot."""
+        c = self._counters(vcpu)
+        if gpa != self.layout.vcpu_area(vcpu, 24).queue_gpa:
+            return self._refuse(c, "ring outside the vCPU's slot", f"ring at gpa {gpa:#x}")
+        try:
+            ring = Ring(self.mem, gpa, capacity)
+        except RingError as exc:
+            return self._refuse(c, "ring that does not fit", str(exc))
+        self.drop_ring(vcpu)
+        self.rings[vcpu] = RingConsumer(ring)
+        return 0
+
+    def kvm_pv_ring_drain(self, vcpu: int) -> int:
+        """Apply what vCPU ``vcpu`` has published (at most ``host_limit`` bytes); bytes consumed.
+
+        Copy first, then parse the copy, as for a hypercall. A refused op stops the
+        ring for good: its code and position go in the ring's error words.
+        """
+        consumer = self.rings[vcpu]
+        if consumer.ring.error:
+            return 0
+        c = self._counters(vcpu)
+        start, buf = consumer.take(self.host_limit)
+        end = len(buf)
+        processed = 0
+        while processed < end:
+            r = self.kvm_pv_mmu_op_one(vcpu, c, buf, processed, end)
+            if r < 0 or (r == 0 and processed == 0 and end == self.host_limit):
+                # refused, or an op larger than everything the host will ever copy at once
+                consumer.fail(r if r < 0 else -KVM_E2BIG, start + processed)
+                break
+            if r == 0:
+                break  # the rest of an op past host_limit: next pass
+            processed += r
+        if processed:
+            consumer.advance(processed)
+            c.bytes += processed
+            c.ring_passes += 1
+        return processed
+
+    def drop_ring(self, vcpu: int) -> None:
+        consumer = self.rings.pop(vcpu, None)
+        if consumer is not None:
+            consumer.ring.release()
 
     # -- bookkeeping ---------------------------------------------------------------
 
@@ -175,19 +243,22 @@ class Kvm:
             c = self.counters[vcpu] = VcpuCounters()
         return c
 
-    def _refuse(self, c: VcpuCounters, reason: str, detail: str) -> None:
+    def _refuse(self, c: VcpuCounters, reason: str, detail: str) -> int:
+        """Count a refusal under its reason, remember the first of each; return its -KVM_E* code."""
         count = c.refused.get(reason, 0)
         c.refused[reason] = count + 1
         if count == 0:
             self.first_refusals.append(f"{reason}: {detail}")
+        return -REFUSAL_CODES[reason]
 
     def reset_counters(self) -> None:
         self.counters.clear()
         self.first_refusals.clear()
 
     def forget_vcpu(self, vcpu: int) -> None:
-        """A vCPU went away: drop its TLB model (its counters stay for the report)."""
+        """A vCPU went away: drop its TLB model and ring (its counters stay for the report)."""
         self.shadow.forget_vcpu(vcpu)
+        self.drop_ring(vcpu)
 
     def reset_vcpu_pool(self, vcpu: int) -> tuple[int, int]:
         """A vCPU is starting over: forget the shadow of its pool's pages.
@@ -199,7 +270,7 @@ class Kvm:
         lo, hi = area.pool_gpa, area.pool_gpa + area.pool_bytes
         for page in [p for p in self.shadow.pages if lo <= p < hi]:
             self.shadow.unshadow(page)
-        self.shadow.forget_vcpu(vcpu)
+        self.forget_vcpu(vcpu)
         return lo, area.pool_bytes
 
     def check(self) -> ShadowCheck:
@@ -214,6 +285,7 @@ class Kvm:
             t.flush_tlb += c.flush_tlb
             t.release_pt += c.release_pt
             t.partial += c.partial
+            t.ring_passes += c.ring_passes
             for k, v in c.refused.items():
                 t.refused[k] = t.refused.get(k, 0) + v
         return t

@@ -24,7 +24,9 @@ from protocol.messages import (
     Control,
     Hello,
     Hypercall,
+    Kick,
     MessageError,
+    pack_complete,
     pack_control_reply,
     pack_reject,
     pack_return,
@@ -46,6 +48,7 @@ class VcpuPeer:
     identity: bytes
     pid: int
     watch: PidWatch
+    envelope: list[bytes]  # how to reach it unasked (ring mode's completions)
     seq: int = 0  # the last hypercall sequence number served
 
 
@@ -60,6 +63,7 @@ class HostShell:
         token: str | None = None,
         parent: PidWatch | None = None,
         phases: bool = False,
+        poll_us: float = 50.0,
         log: TextIO = sys.stderr,
     ) -> None:
         self.kvm = kvm
@@ -78,6 +82,9 @@ class HostShell:
         self.running = True
         self.exit_reason = "shutdown"
         self._logged_refusals = 0
+        # Ring mode: how long to keep polling the rings after the last work, and what it cost.
+        self.poll_s = poll_us / 1e6
+        self.ring_stats = {"kicks": 0, "completions": 0, "sleeps": 0, "polls": 0}
 
     # -- the loop ----------------------------------------------------------------
 
@@ -85,6 +92,9 @@ class HostShell:
         next_housekeeping = time.monotonic() + HOUSEKEEPING_S
         recv, handle = self.doorbell.recv, self.handle
         while self.running:
+            if self.kvm.rings:
+                self.serve_rings()
+                continue
             item = recv()
             if item is not None:
                 handle(*item)
@@ -92,6 +102,59 @@ class HostShell:
             if item is None or now >= next_housekeeping:
                 self.housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_S
+
+    def serve_rings(self) -> None:
+        """Ring mode: drain the rings; keep polling ``poll_us`` after the last work; then sleep.
+
+        Before sleeping the host sets NEED_WAKEUP on every ring and looks at each
+        once more (RingConsumer.prepare_to_sleep): a guest that published in
+        between saw the flag clear and did not ring, so only that look finds its work.
+        """
+        kvm, recv = self.kvm, self.doorbell.recv
+        stats = self.ring_stats
+        last_work = time.monotonic()
+        next_housekeeping = last_work + HOUSEKEEPING_S
+        while self.running and kvm.rings:
+            stats["polls"] += 1
+            worked = self._drain_rings()
+            item = recv(block=False)
+            if item is not None:
+                self.handle(*item)
+                worked = True
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                self.housekeeping()
+                next_housekeeping = now + HOUSEKEEPING_S
+            if worked or now - last_work < self.poll_s:
+                if worked:
+                    last_work = now
+                continue
+            if not all(c.prepare_to_sleep() for c in list(kvm.rings.values())):
+                for c in kvm.rings.values():
+                    c.wake()
+                continue
+            stats["sleeps"] += 1
+            item = recv()  # blocks until a doorbell (or POLL_MS, for housekeeping)
+            for c in kvm.rings.values():
+                c.wake()
+            if item is not None:
+                self.handle(*item)
+            last_work = time.monotonic()
+
+    def _drain_rings(self) -> bool:
+        """One pass over every ring (at most host_limit bytes each, so vCPUs take turns)."""
+        worked = False
+        kvm = self.kvm
+        for vcpu, consumer in list(kvm.rings.items()):
+            if consumer.available() and kvm.kvm_pv_ring_drain(vcpu):
+                worked = True
+            target = consumer.completion_due()
+            peer = self.vcpus.get(vcpu)
+            if target is not None and peer is not None:
+                consumer.completed(target)
+                self.ring_stats["completions"] += 1
+                self.doorbell.send(peer.envelope, pack_complete(vcpu, consumer.ring.cons))
+        return worked
 
     def housekeeping(self) -> None:
         refusals = self.kvm.first_refusals
@@ -135,6 +198,8 @@ class HostShell:
             else:
                 reply = pack_return(msg.seq, ret)
             self.doorbell.send(envelope, reply)
+        elif kind is Kick:
+            self.ring_stats["kicks"] += 1  # no answer: the loop is awake now, which is the point
         elif kind is Hello:
             self._hello(envelope, identity, msg)
         elif kind is Bye:
@@ -174,7 +239,7 @@ class HostShell:
             gpa, nbytes = self.kvm.reset_vcpu_pool(msg.vcpu)
             self.discard(gpa, nbytes)
         self.used.add(msg.vcpu)
-        self.vcpus[msg.vcpu] = VcpuPeer(msg.vcpu, identity, msg.pid, watch)
+        self.vcpus[msg.vcpu] = VcpuPeer(msg.vcpu, identity, msg.pid, watch, list(envelope))
         area = layout.vcpu_area(msg.vcpu, 24)
         self.doorbell.send(
             envelope,
@@ -202,6 +267,8 @@ class HostShell:
         result: dict[str, Any]
         if msg.command == "reset":
             self.kvm.reset_counters()
+            for key in self.ring_stats:  # in place: the ring loop holds this dict
+                self.ring_stats[key] = 0
             self._logged_refusals = 0
             result = {}
         elif msg.command == "stats":
@@ -234,6 +301,7 @@ class HostShell:
             "rejected": dict(self.rejected),
             "attached": sorted(self.vcpus),
             "departed": list(self.departed),
+            "ring": dict(self.ring_stats),
         }
 
     # -- helpers -------------------------------------------------------------------

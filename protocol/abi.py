@@ -26,6 +26,11 @@ KVM_EFAULT = 14  # EFAULT
 KVM_EINVAL = 22  # EINVAL
 KVM_E2BIG = 7  # E2BIG
 KVM_EPERM = 1  # EPERM
+KVM_EOPNOTSUPP = 95  # <linux/kvm_para.h>: an op the host does not know
+
+# pvmmu's own hypercall, beyond the patch: register a vCPU's op ring (protocol.ring).
+# a0 = ring capacity in bytes, a1/a2 = the ring's gpa. Returns 0 or -KVM_E*.
+PVMMU_HC_RING_SETUP = 0x100
 
 # <asm/kvm_para.h>
 KVM_MMU_OP_WRITE_PTE = 1
@@ -62,6 +67,7 @@ ERRNO_NAME = {
     KVM_EINVAL: "KVM_EINVAL",
     KVM_E2BIG: "KVM_E2BIG",
     KVM_EPERM: "KVM_EPERM",
+    KVM_EOPNOTSUPP: "KVM_EOPNOTSUPP",
 }
 
 

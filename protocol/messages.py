@@ -15,6 +15,12 @@ talks request/reply: it sends one message and blocks until the host answers::
     host -> guest   [RETURN, 0, 0]
     host -> any     [REJECT, seq or nil, reason]                (malformed message)
 
+In ``ring`` mode (protocol.ring) two messages have no answer: the guest's
+``[KICK, vcpu]`` wakes a host that set NEED_WAKEUP, and the host's
+``[COMPLETE, vcpu, cons]`` wakes a guest that set WAITING. A guest then uses a
+DEALER socket with the REQ envelope (an empty first frame), so it can both call
+and be called.
+
 For ``KVM_HC_MMU_OP`` the registers are ``a0 = len``, ``a1 = gpa & 0xffffffff``,
 ``a2 = gpa >> 32``; ``ret`` is the bytes the host processed or ``-KVM_E*``.
 ``seq`` counts a vCPU's hypercalls from 1, so the host can tell a lost or replayed
@@ -43,6 +49,8 @@ MSG_BYE = 5
 MSG_REJECT = 6
 MSG_CONTROL = 7
 MSG_CONTROL_REPLY = 8
+MSG_KICK = 9
+MSG_COMPLETE = 10
 
 # Nothing legitimate comes close; the host's socket refuses anything larger.
 MAX_MESSAGE_BYTES = 4096
@@ -102,6 +110,15 @@ class Reject(NamedTuple):
     reason: str
 
 
+class Kick(NamedTuple):
+    vcpu: int
+
+
+class Complete(NamedTuple):
+    vcpu: int
+    cons: int
+
+
 class Control(NamedTuple):
     token: str
     command: str
@@ -113,7 +130,7 @@ class ControlReply(NamedTuple):
     result: dict[str, Any]
 
 
-Message = Hello | Welcome | Hypercall | Return | Bye | Reject | Control | ControlReply
+Message = Hello | Welcome | Hypercall | Return | Bye | Reject | Control | ControlReply | Kick | Complete
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -140,6 +157,14 @@ def pack_return_stamped(seq: int, ret: int, t_recv: int, t_applied: int, t_reply
 
 def pack_bye(vcpu: int) -> bytes:
     return _pack([MSG_BYE, vcpu])
+
+
+def pack_kick(vcpu: int) -> bytes:
+    return _pack([MSG_KICK, vcpu])
+
+
+def pack_complete(vcpu: int, cons: int) -> bytes:
+    return _pack([MSG_COMPLETE, vcpu, cons])
 
 
 def pack_reject(seq: int | None, reason: str) -> bytes:
@@ -234,6 +259,12 @@ def unpack(data: bytes) -> Message:
     if kind == MSG_CONTROL and type(kind) is int:
         _arity(msg, 4, "control")
         return Control(_str(msg[1], "token"), _str(msg[2], "command"), _map(msg[3], "args"))
+    if kind == MSG_KICK and type(kind) is int:
+        _arity(msg, 2, "kick")
+        return Kick(_int(msg[1], "vcpu", 0, 1 << 31))
+    if kind == MSG_COMPLETE and type(kind) is int:
+        _arity(msg, 3, "complete")
+        return Complete(_int(msg[1], "vcpu", 0, 1 << 31), _int(msg[2], "cons"))
     if kind == MSG_CONTROL_REPLY and type(kind) is int:
         _arity(msg, 3, "control reply")
         return ControlReply(_str(msg[1], "command"), _map(msg[2], "result"))

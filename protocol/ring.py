@@ -154,6 +154,7 @@ class RingConsumer:
 
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
+        self.notified = -1  # the wait target the last completion answered
 
     def available(self) -> int:
         return self.ring.words[PROD] - self.ring.words[CONS]
@@ -174,10 +175,24 @@ class RingConsumer:
         self.ring.words[ERROR_AT] = at
         self.ring.words[ERROR] = code % _U64
 
-    def waiter_satisfied(self) -> bool:
-        """The guest is waiting and what it waits for has happened (or failed): notify it."""
+    def completion_due(self) -> int | None:
+        """The target of a wait that is over and not yet answered: send a completion, then ``completed``.
+
+        The target is read once and used both for the check and as the answer's
+        key. Reading it again afterwards could pick up the guest's *next* target
+        (it moves on as soon as its own re-check succeeds) and mark that one
+        answered without an answer ever being sent: the guest would sleep forever.
+        """
         words = self.ring.words
-        return bool(words[GUEST_FLAGS] & WAITING) and (words[CONS] >= words[WAIT_TARGET] or words[ERROR] != 0)
+        if not words[GUEST_FLAGS] & WAITING:
+            return None
+        target = words[WAIT_TARGET]
+        if target == self.notified or (words[CONS] < target and not words[ERROR]):
+            return None
+        return target
+
+    def completed(self, target: int) -> None:
+        self.notified = target
 
     def prepare_to_sleep(self) -> bool:
         """Set NEED_WAKEUP, then look again; True only if it is safe to sleep on the doorbell.
@@ -187,7 +202,7 @@ class RingConsumer:
         did not ring. Without the second look the host would sleep on that work.
         """
         self.ring.words[HOST_FLAGS] = NEED_WAKEUP
-        if self.available() or self.waiter_satisfied():
+        if self.available() or self.completion_due() is not None:
             self.ring.words[HOST_FLAGS] = 0
             return False
         return True

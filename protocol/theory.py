@@ -11,7 +11,8 @@ from collections.abc import Iterable
 
 from protocol.abi import WRITE_PTE
 
-MODES = ("direct", "queued", "multicall")
+MODES = ("direct", "queued", "multicall", "ring")
+RING_HOST_LIMIT = 1 << 62  # ring mode: a flush is one publish, whatever the host copies per pass
 
 # An op stream's shape (what the guest records, a signed byte per event): the size of a
 # deferrable op (24 write_pte, 8 flush_tlb), or one of these markers.
@@ -95,6 +96,8 @@ def hypercalls_for_shape(shape: Iterable[int], mode: str, queue_bytes: int, host
     """
     if mode in ("direct", "queued"):
         return sum(1 for e in shape if e not in (SHAPE_ENTER, SHAPE_LEAVE))
+    if mode == "ring":  # hypercalls are flushes: the same flush points, each one publish
+        return hypercalls_for_shape(shape, "multicall", queue_bytes, RING_HOST_LIMIT)
     if mode != "multicall":
         raise ValueError(f"no theory for mode {mode!r}")
     calls = 0

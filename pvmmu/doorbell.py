@@ -123,11 +123,22 @@ class Caller:
 
         ``what`` (and ``n``, e.g. a hypercall number) name the request in errors.
         """
+        self.notify(payload, what, n)
+        return self.wait_message(what, n)
+
+    def notify(self, payload: bytes, what: str = "a doorbell", n: int | None = None) -> None:
+        """Send ``payload`` and do not wait (ring mode's kick)."""
         try:
             self._send(payload)
-            if self.stamping:
-                self.sent_ns = time.monotonic_ns()
-            self.rung += 1
+        except _Closed:
+            raise self._gone(what, n) from None
+        if self.stamping:
+            self.sent_ns = time.monotonic_ns()
+        self.rung += 1
+
+    def wait_message(self, what: str = "a reply", n: int | None = None) -> bytes:
+        """The next message from the host, waited for boundedly (PeerGone, DoorbellTimeout)."""
+        try:
             reply = self._recv(POLL_MS)  # the fast path: the host answers within POLL_MS
             if reply is not None:
                 return reply
@@ -142,9 +153,12 @@ class Caller:
                 if reply is not None:
                     return reply
         except _Closed:
-            what = what if n is None else f"{what} {n}"
-            pid = self.peer.pid if self.peer is not None else "?"
-            raise PeerGone(f"host process {pid} died during {what}") from None
+            raise self._gone(what, n) from None
+
+    def _gone(self, what: str, n: int | None) -> PeerGone:
+        what = what if n is None else f"{what} {n}"
+        pid = self.peer.pid if self.peer is not None else "?"
+        return PeerGone(f"host process {pid} died during {what}")
 
     def _send(self, payload: bytes) -> None:
         raise NotImplementedError
@@ -158,11 +172,14 @@ class Caller:
 
 
 class ZmqCaller(Caller):
+    """A DEALER socket that speaks the REQ envelope (an empty first frame): it can call like REQ,
+    and also send without waiting and receive what it did not ask for (ring mode)."""
+
     def __init__(self, endpoint: str, timeout_s: float, peer_pid: int | None = None, batch_io: bool = False) -> None:
         super().__init__(timeout_s, peer_pid)
         self.endpoint = endpoint
         self.ctx, before = _context(batch_io)
-        self.sock = self.ctx.socket(zmq.REQ)
+        self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, POLL_MS)
         self.sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
@@ -172,13 +189,13 @@ class ZmqCaller(Caller):
 
     def _send(self, payload: bytes) -> None:
         try:
-            self.sock.send(payload)
+            self.sock.send_multipart((b"", payload))
         except zmq.Again:
             raise DoorbellTimeout(f"could not reach the host within {self.timeout_s:g}s") from None
 
     def _recv(self, timeout_ms: int) -> bytes | None:
         try:
-            return self.sock.recv()  # RCVTIMEO is POLL_MS
+            return self.sock.recv_multipart()[-1]  # RCVTIMEO is POLL_MS
         except zmq.Again:
             return None
 
@@ -257,10 +274,10 @@ class ZmqHost:
         if batch_io:
             batch_threads(_tids() - before)
 
-    def recv(self) -> tuple[list[bytes], bytes] | None:
-        """(envelope, payload) of the next request, or None after POLL_MS of quiet."""
+    def recv(self, block: bool = True) -> tuple[list[bytes], bytes] | None:
+        """(envelope, payload) of the next request, or None after POLL_MS of quiet (at once if not ``block``)."""
         try:
-            frames = self.sock.recv_multipart()
+            frames = self.sock.recv_multipart(0 if block else zmq.NOBLOCK)
         except zmq.Again:
             return None
         return frames[:-1], frames[-1]
@@ -302,9 +319,9 @@ class PipeHost:
             self._poll.register(r, select.POLLIN)
         self._ready: deque[tuple[list[bytes], bytes]] = deque()
 
-    def recv(self) -> tuple[list[bytes], bytes] | None:
+    def recv(self, block: bool = True) -> tuple[list[bytes], bytes] | None:
         if not self._ready:
-            for fd, _ in self._poll.poll(POLL_MS):
+            for fd, _ in self._poll.poll(POLL_MS if block else 0):
                 self._read(fd)
         return self._ready.popleft() if self._ready else None
 

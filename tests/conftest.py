@@ -21,6 +21,22 @@ from pvmmu.shm import list_segments
 from pvmmu.supervisor import RunConfig, RunError, run_pair
 
 
+class InlineHost:
+    """Ring mode in one process: when the guest sleeps, the host drains its ring right there."""
+
+    def __init__(self, kvm: Kvm, vcpu: int) -> None:
+        self.kvm, self.vcpu = kvm, vcpu
+        self.kicks = self.sleeps = 0
+
+    def kick(self) -> None:
+        self.kicks += 1
+
+    def sleep(self) -> None:
+        self.sleeps += 1
+        while self.kvm.kvm_pv_ring_drain(self.vcpu):
+            pass
+
+
 class InProcessPair:
     """Guest core wired straight to host core: the h11 way, no sockets, microseconds."""
 
@@ -35,7 +51,7 @@ class InProcessPair:
         self.kernels = []
         for v in range(vcpus):
             area = self.layout.vcpu_area(v, queue_bytes)
-            pv = KvmParaState(self.mem, area, self._hypercall_for(v), mode)
+            pv = KvmParaState(self.mem, area, self._hypercall_for(v), mode, InlineHost(self.kvm, v), spin_us=0)
             self.kernels.append(GuestKernel(pv, FrameAllocator(area), self.layout.mem_bytes // PAGE_SIZE))
         self.kernel = self.kernels[0]
         self.pv = self.kernel.pv

@@ -12,6 +12,7 @@ from protocol.ring import (
     GUEST_FLAGS,
     HOST_FLAGS,
     NEED_WAKEUP,
+    WAIT_TARGET,
     WAITING,
     Ring,
     RingConsumer,
@@ -98,7 +99,7 @@ def test_the_guest_lost_wakeup_race_is_closed_by_the_recheck():
     p.publish()
     assert not p.consumed(24)  # the guest's last look: not yet
     c.advance(c.available())  # the host finishes; WAITING is not set, so it sends nothing
-    assert not c.waiter_satisfied()
+    assert not c.completion_due() is not None
     assert p.prepare_to_wait(24) is False  # the guest's second look sees it done
     assert r.words[GUEST_FLAGS] == 0
 
@@ -109,11 +110,11 @@ def test_a_waiting_guest_is_seen_by_the_host():
     p.append(FlushTlb().encode())
     p.publish()
     assert p.prepare_to_wait(8) is True and r.words[GUEST_FLAGS] == WAITING
-    assert not c.waiter_satisfied()
+    assert not c.completion_due() is not None
     c.advance(8)
-    assert c.waiter_satisfied()
+    assert c.completion_due() is not None
     p.done_waiting()
-    assert not c.waiter_satisfied()
+    assert not c.completion_due() is not None
 
 
 def test_a_refused_op_is_recorded_and_wakes_the_waiter():
@@ -124,7 +125,7 @@ def test_a_refused_op_is_recorded_and_wakes_the_waiter():
     assert p.prepare_to_wait(24)
     c.fail(-protocol.KVM_EINVAL, 0)
     assert r.error == -protocol.KVM_EINVAL and r.words[6] == 0
-    assert c.waiter_satisfied()
+    assert c.completion_due() is not None
     assert p.prepare_to_wait(24) is False  # an error ends the wait too
 
 
@@ -151,3 +152,29 @@ def test_any_stream_through_any_ring_comes_out_in_order(sizes, capacity):
     p.publish()
     got += c.take(capacity)[1]
     assert got == b"".join(sent)
+
+
+def test_the_host_answers_the_target_it_checked_not_the_guests_next_one():
+    """The guest finishes one wait by its re-check and starts the next while the host looks.
+
+    The host checked target A (reached) and must answer A. Had it re-read the target it would
+    have marked B answered without sending anything for B, and the guest would sleep forever.
+    """
+    r = ring()
+    p, c = RingProducer(r), RingConsumer(r)
+    p.append(FlushTlb().encode())
+    p.publish()
+    r.words[WAIT_TARGET], r.words[GUEST_FLAGS] = 8, WAITING  # the guest waits for A = 8 ...
+    c.advance(8)
+    due = c.completion_due()  # ... the host sees A reached
+    assert due == 8
+    # ... meanwhile the guest's re-check saw A done, it published more and now waits for B = 16
+    p.append(FlushTlb().encode())
+    p.publish()
+    assert p.prepare_to_wait(16)
+    c.completed(due)  # the host sends the completion for A (stale for the guest: harmless)
+    assert c.completion_due() is None  # B not reached yet
+    c.advance(8)
+    assert c.completion_due() == 16  # B reached: B gets its own answer
+    c.completed(16)
+    assert c.completion_due() is None  # answered once, not again

@@ -27,7 +27,9 @@ def record(pair_factory, path, workload: str, size: int, mode: str = "multicall"
     """Run ``workload`` on a recording guest; returns its final check."""
     pair = pair_factory(mode)
     recorder = TraceRecorder(str(path))
-    pv = TracedKvmParaState(pair.mem, pair.pv.area, pair.pv.hypercall, mode, recorder=recorder)
+    pv = TracedKvmParaState(
+        pair.mem, pair.pv.area, pair.pv.hypercall, mode, pair.pv.ring_port, spin_us=0, recorder=recorder
+    )
     kernel = GuestKernel(pv, FrameAllocator(pv.area), pair.layout.mem_bytes // PAGE_SIZE)
     prepare_recorded(kernel, recorder, workload, size, seed).run()
     check = kernel.check()
