@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -26,6 +27,7 @@ from protocol.layout import MAX_VCPUS, Layout, LayoutError
 from pvmmu.doorbell import HostDoorbell
 from pvmmu.liveness import PidWatch, Terminated, die_with_parent, install_signal_handlers
 from pvmmu.options import io_thread_option, parent_pid_option
+from pvmmu.rundir import run_dir_owner
 from pvmmu.shm import GuestMemory, SharedMemoryError
 
 _TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -45,8 +47,21 @@ _TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 @io_thread_option
 @parent_pid_option
 @click.option("--token-stdin", is_flag=True, help="Read the supervisor's control token from the first stdin line.")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    help="The supervisor's run directory (pvmmu-<parent pid>-*): removed on exit if the supervisor "
+    "(--parent-pid) has died, so a SIGKILLed supervisor leaves nothing behind.",
+)
 def main(
-    endpoint: str, vcpus: int, mem_mb: int, host_limit: int, io_thread: str, parent_pid: int | None, token_stdin: bool
+    endpoint: str,
+    vcpus: int,
+    mem_mb: int,
+    host_limit: int,
+    io_thread: str,
+    parent_pid: int | None,
+    token_stdin: bool,
+    run_dir: str | None,
 ) -> None:
     """Run the host: guest memory, shadow MMU, KVM_HC_MMU_OP handler."""
     install_signal_handlers()
@@ -99,7 +114,17 @@ def main(
         signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)
         if memory is not None:
             memory.unlink()
+        _remove_orphaned_run_dir(run_dir, parent_pid)
     sys.exit(code)
+
+
+def _remove_orphaned_run_dir(run_dir: str | None, parent_pid: int | None) -> None:
+    """The supervisor normally removes its run directory; if it was SIGKILLed, the host does."""
+    if not run_dir or parent_pid is None or os.getppid() == parent_pid:
+        return
+    if run_dir_owner(run_dir) != parent_pid:  # never remove a directory that is not that run's
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _emit(event: dict) -> None:

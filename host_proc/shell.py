@@ -84,7 +84,10 @@ class HostShell:
         while self.running:
             item = recv()
             if item is not None:
-                handle(*item)
+                try:
+                    handle(*item)
+                except Exception as exc:  # a host bug must not let one message take the guest down
+                    self._reject(item[0], None, "internal error", f"{type(exc).__name__}: {exc}")
             now = time.monotonic()
             if item is None or now >= next_housekeeping:
                 self.housekeeping()
@@ -187,7 +190,8 @@ class HostShell:
         )
 
     def _control(self, envelope: list[bytes], msg: Control) -> None:
-        if self.token is None or not hmac.compare_digest(msg.token, self.token):
+        # Compare bytes: compare_digest refuses non-ASCII str, and a hostile token may be anything.
+        if self.token is None or not hmac.compare_digest(msg.token.encode(), self.token.encode()):
             self._reject(envelope, None, "control message with a wrong token")
             return
         result: dict[str, Any]

@@ -22,6 +22,7 @@ from pvmmu import __version__
 from pvmmu.liveness import Terminated, install_signal_handlers
 from pvmmu.options import io_thread_option
 from pvmmu.report import format_run
+from pvmmu.rundir import sweep_stale_run_dirs
 from pvmmu.shm import list_segments, sweep_stale
 from pvmmu.supervisor import EXIT_INCONSISTENT, RunConfig, RunError, run_pair
 
@@ -84,12 +85,18 @@ def run(as_json: bool, **kwargs: Any) -> None:
 
 @main.command()
 def clean() -> None:
-    """Remove shared-memory segments left by runs whose host was killed."""
+    """Remove shared-memory segments and run directories left by runs that were killed."""
     removed = sweep_stale()
     for name in removed:
         click.echo(f"removed /dev/shm/{name}")
+    dirs = sweep_stale_run_dirs()
+    for path in dirs:
+        click.echo(f"removed {path}")
     live = list_segments()
-    click.echo(f"{len(removed)} stale segment(s) removed; {len(live)} in use by running hosts")
+    click.echo(
+        f"{len(removed)} stale segment(s) and {len(dirs)} run director(ies) removed; "
+        f"{len(live)} segment(s) in use by running hosts"
+    )
 
 
 def _guarded(action: Any) -> Any:

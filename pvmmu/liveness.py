@@ -18,6 +18,7 @@ import select
 import signal
 
 PR_SET_PDEATHSIG = 1
+PID_MAX = 1 << 22  # the kernel's ceiling for /proc/sys/kernel/pid_max
 
 
 class Terminated(BaseException):
@@ -61,10 +62,13 @@ class PidWatch:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.fd: int | None = None
+        if not 0 < pid <= PID_MAX:
+            return  # pid 0 or one no kernel can have: nothing to watch, so never alive
         try:
-            self.fd: int | None = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self.fd = None  # already gone
+            self.fd = os.pidfd_open(pid)
+        except OSError:
+            pass  # gone already (ESRCH), or not a process leader (EINVAL): not a live peer
 
     def alive(self) -> bool:
         if self.fd is None:

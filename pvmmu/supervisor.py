@@ -21,16 +21,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from protocol.abi import KVM_PV_MMU_OP_BUFFER, MMU_QUEUE_SIZE
-from protocol.messages import ControlReply, Reject, pack_control, unpack
+from protocol.messages import ControlReply, MessageError, Reject, pack_control, unpack
 from pvmmu import ctxsw
-from pvmmu.doorbell import CallerDoorbell
-from pvmmu.liveness import PidWatch
+from pvmmu.doorbell import CallerDoorbell, DoorbellTimeout
+from pvmmu.liveness import PeerGone, PidWatch
+from pvmmu.rundir import make_run_dir, runtime_dir, sweep_stale_run_dirs  # noqa: F401 (runtime_dir: re-exported)
 from pvmmu.shm import sweep_stale, unlink_segment
 
 RECORD_VERSION = 1
@@ -61,23 +62,18 @@ class RunConfig:
     max_seconds: float = 3600.0  # the whole measured part
 
 
-def runtime_dir() -> str:
-    """Where per-run socket directories go: the user's runtime directory, else the temp dir."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
-        return xdg
-    return tempfile.gettempdir()
-
-
 def _how_it_died(returncode: int | None) -> str:
     if returncode is None:
         return "is still running"
+    signum = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    try:
+        name = signal.Signals(signum).name if signum else ""
+    except ValueError:
+        name = "?"
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "?"
-        return f"died (signal {-returncode}, {name})"
+        return f"died (signal {signum}, {name})"
+    if name:  # it caught the signal and exited 128 + N after its own teardown
+        return f"exited with status {returncode} after {name}"
     return f"exited with status {returncode}"
 
 
@@ -215,7 +211,10 @@ class HostControl:
         self.doorbell = CallerDoorbell(endpoint, timeout_s, host_pid)
 
     def __call__(self, command: str) -> dict[str, Any]:
-        reply = unpack(self.doorbell.call(pack_control(self.token, command), f"control '{command}'"))
+        try:
+            reply = unpack(self.doorbell.call(pack_control(self.token, command), f"control '{command}'"))
+        except (PeerGone, DoorbellTimeout, MessageError) as exc:
+            raise RunError(str(exc)) from None
         if isinstance(reply, Reject):
             raise RunError(f"host refused control '{command}': {reply.reason}")
         if not isinstance(reply, ControlReply) or reply.command != command:
@@ -226,16 +225,22 @@ class HostControl:
         self.doorbell.close()
 
 
-def run_pair(cfg: RunConfig) -> dict[str, Any]:
-    """One measured run; returns the run record (see README). Raises RunError."""
+def run_pair(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) -> dict[str, Any]:
+    """One measured run; returns the run record (see README). Raises RunError.
+
+    ``on_spawn`` is told about each process as soon as it exists (``pvmmu stress``
+    uses it to inject faults).
+    """
     sweep_stale()
-    rundir = tempfile.mkdtemp(prefix="pvmmu-", dir=runtime_dir())  # mode 0700
-    endpoint = f"ipc://{rundir}/doorbell"
+    sweep_stale_run_dirs()
     token = secrets.token_hex(16)
     children: list[Child] = []
     control: HostControl | None = None
     shm_name: str | None = None
+    rundir: str | None = None
     try:
+        rundir = make_run_dir()  # inside the try: a Ctrl-C right after it still removes it
+        endpoint = f"ipc://{rundir}/doorbell"
         host = Child(
             "host",
             [
@@ -246,11 +251,14 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
                 "--host-limit", str(cfg.host_limit),
                 "--io-thread", cfg.io_thread,
                 "--parent-pid", str(os.getpid()),
+                "--run-dir", rundir,
                 "--token-stdin",
             ],
             rundir,
         )  # fmt: skip
         children.append(host)
+        if on_spawn is not None:
+            on_spawn(host)
         host.send(token)
         ready = host.read_event("ready", cfg.timeout, children)
         shm_name = ready["shm"]
@@ -279,6 +287,8 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
             )  # fmt: skip
             guests.append(g)
             children.append(g)
+            if on_spawn is not None:
+                on_spawn(g)
         # Setup (building the starting address space) is unmeasured but may take a while.
         for g in guests:
             g.read_event("ready", cfg.max_seconds, children)
@@ -320,7 +330,8 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
             c.stop()
         if shm_name is not None:
             unlink_segment(shm_name)  # only does something if the host could not (SIGKILL)
-        shutil.rmtree(rundir, ignore_errors=True)
+        if rundir is not None:
+            shutil.rmtree(rundir, ignore_errors=True)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 

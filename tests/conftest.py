@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
 import time
 
 import psutil
@@ -13,8 +16,29 @@ from guest_proc.paravirt import KvmParaState
 from guest_proc.workloads import GuestKernel
 from host_proc.kvm import Kvm
 from protocol.layout import PAGE_SIZE, Layout
-from pvmmu.shm import list_segments
-from pvmmu.supervisor import runtime_dir
+from pvmmu.rundir import runtime_dir
+from pvmmu.shm import creator_pid, list_segments
+
+# Other pvmmu test sessions may share this machine: tag every process this session starts
+# (children inherit the environment) and give it its own runtime directory, so the leak
+# check below counts only what this session made.
+SESSION_TAG = f"PVMMU_TEST_SESSION={os.getpid()}-{secrets.token_hex(4)}"
+os.environ["PVMMU_TEST_SESSION"] = SESSION_TAG.split("=", 1)[1]
+_RUNTIME = tempfile.mkdtemp(prefix="pvmmutest-")
+os.environ["XDG_RUNTIME_DIR"] = _RUNTIME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_RUNTIME, ignore_errors=True)
+
+
+def ours(pid: int) -> bool:
+    """Whether process ``pid`` was started by this test session."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return SESSION_TAG.encode() in f.read().split(b"\0")
+    except OSError:
+        return False
 
 
 class InProcessPair:
@@ -61,19 +85,29 @@ def _pvmmu_processes() -> set[int]:
     found = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "-m host_proc" in cmd or "-m guest_proc" in cmd:
+        if ("-m host_proc" in cmd or "-m guest_proc" in cmd) and ours(p.info["pid"]):
             found.add(p.info["pid"])
+    return found
+
+
+def _pvmmu_segments() -> set[str]:
+    """Segments that are not another session's: a live creator must be ours."""
+    found = set()
+    for name in list_segments():
+        pid = creator_pid(name)
+        if pid is None or not psutil.pid_exists(pid) or ours(pid):
+            found.add(name)
     return found
 
 
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test must leave no /dev/shm/pvmmu-*, no run directory, no host or guest process."""
-    shm, dirs, procs = set(list_segments()), _pvmmu_dirs(), _pvmmu_processes()
+    shm, dirs, procs = _pvmmu_segments(), _pvmmu_dirs(), _pvmmu_processes()
     yield
     deadline = time.monotonic() + 3
     while True:
-        new_shm = set(list_segments()) - shm
+        new_shm = _pvmmu_segments() - shm
         new_dirs = _pvmmu_dirs() - dirs
         new_procs = _pvmmu_processes() - procs
         if not (new_shm or new_dirs or new_procs) or time.monotonic() > deadline:
