@@ -44,6 +44,21 @@ MSG_CONTROL_REPLY = 8
 # Nothing legitimate comes close; the host's socket refuses anything larger.
 MAX_MESSAGE_BYTES = 4096
 
+# A REJECT's reason starts with one of these fixed categories (then ": detail");
+# the host counts refused messages per category (control "stats": "rejected").
+REJECT_MALFORMED = "malformed message"
+REJECT_NOT_ATTACHED = "hypercall from a vCPU that has not said hello"
+REJECT_SEQUENCE = "hypercall out of sequence"
+REJECT_VERSION = "wrong protocol version"
+REJECT_NO_VCPU = "no such vCPU"
+REJECT_ATTACHED = "vCPU already attached"
+REJECT_NO_PROCESS = "hello from a process that does not exist"
+REJECT_BYE = "bye from a vCPU that is not attached"
+REJECT_TOKEN = "control message with a wrong token"
+REJECT_COMMAND = "unknown control command"
+REJECT_NOT_REQUEST = "not a request the host serves"
+REJECT_INTERNAL = "internal error"
+
 _I64_MIN = -(1 << 63)
 _U64_MAX = (1 << 64) - 1
 
