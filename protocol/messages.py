@@ -161,22 +161,31 @@ def pack_control_reply(command: str, result: dict[str, Any]) -> bytes:
     return _pack([MSG_CONTROL_REPLY, command, result])
 
 
+def _show(value: Any) -> str:
+    """A short description of a hostile value: never the repr of a container, which may nest
+    deeper than Python's recursion limit (the unpacker allows it) or be huge."""
+    if type(value) in (int, bool, float, str, bytes) or value is None:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__name__} of {len(value)}" if isinstance(value, (list, dict)) else type(value).__name__
+
+
 def _int(value: Any, what: str, lo: int = 0, hi: int = _U64_MAX) -> int:
     # bool is an int subclass; msgpack true/false is not a register value.
     if type(value) is not int or not lo <= value <= hi:
-        raise MessageError(f"{what} must be an integer in [{lo}, {hi}], not {value!r}")
+        raise MessageError(f"{what} must be an integer in [{lo}, {hi}], not {_show(value)}")
     return value
 
 
 def _str(value: Any, what: str) -> str:
     if type(value) is not str:
-        raise MessageError(f"{what} must be a string, not {value!r}")
+        raise MessageError(f"{what} must be a string, not {_show(value)}")
     return value
 
 
 def _map(value: Any, what: str) -> dict[str, Any]:
     if type(value) is not dict:
-        raise MessageError(f"{what} must be a map, not {value!r}")
+        raise MessageError(f"{what} must be a map, not {_show(value)}")
     return value
 
 
@@ -241,7 +250,7 @@ def unpack(data: bytes) -> Message:
     if kind == MSG_CONTROL_REPLY and type(kind) is int:
         _arity(msg, 3, "control reply")
         return ControlReply(_str(msg[1], "command"), _map(msg[2], "result"))
-    raise MessageError(f"unknown message type {kind!r}")
+    raise MessageError(f"unknown message type {_show(kind)}")
 
 
 def gpa_args(gpa: int) -> tuple[int, int]:

@@ -51,11 +51,14 @@ class Outcome:
     """What one hypercall must do: its return value and every effect, in order."""
 
     ret: int
-    writes: list[tuple[int, int]] = field(default_factory=list)  # (pte_phys, pte_val)
-    releases: list[int] = field(default_factory=list)  # pt_phys
-    flushes: int = 0
+    # (op code, address, value) of each applied op, in order: (1, pte_phys, pte_val), (2, 0, 0), (3, pt_phys, 0)
+    effects: list[tuple[int, int, int]] = field(default_factory=list)
     refusal: str | None = None  # the reason the host counts, if it refused something
     partial: bool = False  # the guest offered more than the host copies
+
+    @property
+    def writes(self) -> list[tuple[int, int]]:
+        return [(gpa, val) for code, gpa, val in self.effects if code == 1]
 
 
 def expected_hypercall(
@@ -88,15 +91,15 @@ def expected_hypercall(
             if pte_phys + 8 > mem_bytes:
                 out.refusal = "pte_phys outside guest memory"
                 break
-            out.writes.append((pte_phys, pte_val))
+            out.effects.append((1, pte_phys, pte_val))
         elif code == 2:
-            out.flushes += 1
+            out.effects.append((2, 0, 0))
         else:
             pt_phys = _U64.unpack_from(buf, off + 8)[0]
             if pt_phys >= mem_bytes:
                 out.refusal = "pt_phys outside guest memory"
                 break
-            out.releases.append(pt_phys)
+            out.effects.append((3, pt_phys, 0))
         off += size
     out.ret = off
     return out
@@ -143,21 +146,28 @@ class HostModel:
     # -- effects ---------------------------------------------------------------------
 
     def apply(self, out: Outcome) -> None:
-        mem, spte = self.mem, self.spte
-        for pte_phys, pte_val in out.writes:
-            _U64.pack_into(mem, pte_phys, pte_val)
-            if pte_val & 1:
-                spte[pte_phys] = pte_val
+        mem, spte, t = self.mem, self.spte, self.totals
+        for code, gpa, val in out.effects:
+            if code == 1:
+                _U64.pack_into(mem, gpa, val)
+                page = _page(gpa)
+                if page not in self.pages:  # a page starts being shadowed with every present entry it holds
+                    self.pages.add(page)
+                    for entry in range(page, page + PAGE_SIZE, 8):
+                        gpte = _U64.unpack_from(mem, entry)[0]
+                        if gpte & 1:
+                            spte[entry] = gpte
+                if val & 1:
+                    spte[gpa] = val
+                else:
+                    spte.pop(gpa, None)
+                t["write_pte"] += 1
+            elif code == 2:
+                t["flush_tlb"] += 1
             else:
-                spte.pop(pte_phys, None)
-            self.pages.add(_page(pte_phys))
-        for pt_phys in out.releases:
-            self._unshadow(_page(pt_phys))
-        t = self.totals
+                self._unshadow(_page(gpa))
+                t["release_pt"] += 1
         t["hypercalls"] += 1
-        t["write_pte"] += len(out.writes)
-        t["flush_tlb"] += out.flushes
-        t["release_pt"] += len(out.releases)
         if out.ret > 0:
             t["bytes"] += out.ret
         if out.partial and out.ret >= 0:

@@ -22,7 +22,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -225,11 +226,33 @@ class HostControl:
         self.doorbell.close()
 
 
-def run_pair(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) -> dict[str, Any]:
-    """One measured run; returns the run record (see README). Raises RunError.
+@dataclass
+class HostedRun:
+    """A running host and the processes spawned beside it (see ``hosted``)."""
 
-    ``on_spawn`` is told about each process as soon as it exists (``pvmmu stress``
-    uses it to inject faults).
+    rundir: str
+    endpoint: str
+    host: Child
+    control: HostControl
+    shm_name: str
+    children: list[Child]  # the host first; everything here is stopped at the end
+    on_spawn: Callable[[Child], None] | None = None
+
+    def spawn(self, role: str, argv: list[str]) -> Child:
+        child = Child(role, argv, self.rundir)
+        self.children.append(child)
+        if self.on_spawn is not None:
+            self.on_spawn(child)
+        return child
+
+
+@contextmanager
+def hosted(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) -> Iterator[HostedRun]:
+    """Start a host in a fresh run directory; on leaving, tear down everything that belongs to it.
+
+    Used by ``run_pair`` and ``pvmmu fuzz``. ``on_spawn`` is told about each process
+    as soon as it exists (``pvmmu stress`` uses it to inject faults). Teardown runs
+    with SIGINT/SIGTERM/SIGHUP blocked: a second Ctrl-C must not leave a leak.
     """
     sweep_stale()
     sweep_stale_run_dirs()
@@ -263,14 +286,31 @@ def run_pair(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) ->
         ready = host.read_event("ready", cfg.timeout, children)
         shm_name = ready["shm"]
         control = HostControl(endpoint, token, cfg.timeout, host.pid)
+        yield HostedRun(rundir, endpoint, host, control, shm_name, children, on_spawn)
+    finally:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        if control is not None:
+            control.close()
+        for c in reversed(children):
+            c.stop()
+        if shm_name is not None:
+            unlink_segment(shm_name)  # only does something if the host could not (SIGKILL)
+        if rundir is not None:
+            shutil.rmtree(rundir, ignore_errors=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
+
+def run_pair(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) -> dict[str, Any]:
+    """One measured run; returns the run record (see README). Raises RunError."""
+    with hosted(cfg, on_spawn) as run:
+        host, control, children = run.host, run.control, run.children
         guests = []
         for v in range(cfg.vcpus):
-            g = Child(
+            g = run.spawn(
                 f"guest{v}" if cfg.vcpus > 1 else "guest",
                 [
                     sys.executable, "-m", "guest_proc",
-                    "--endpoint", endpoint,
+                    "--endpoint", run.endpoint,
                     "--vcpu", str(v),
                     "--mode", cfg.mode,
                     "--workload", cfg.workload,
@@ -283,12 +323,8 @@ def run_pair(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) ->
                     "--parent-pid", str(os.getpid()),
                     "--barrier",
                 ],
-                rundir,
             )  # fmt: skip
             guests.append(g)
-            children.append(g)
-            if on_spawn is not None:
-                on_spawn(g)
         # Setup (building the starting address space) is unmeasured but may take a while.
         for g in guests:
             g.read_event("ready", cfg.max_seconds, children)
@@ -321,18 +357,6 @@ def run_pair(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) ->
             "host": ctxsw.delta(before[host.pid], after[host.pid]),
         }
         return build_record(cfg, done, checks, host_stats, host_check, switches, host.pid, [g.pid for g in guests])
-    finally:
-        # Tear down without being interrupted: a second Ctrl-C must not leave a leak.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-        if control is not None:
-            control.close()
-        for c in reversed(children):
-            c.stop()
-        if shm_name is not None:
-            unlink_segment(shm_name)  # only does something if the host could not (SIGKILL)
-        if rundir is not None:
-            shutil.rmtree(rundir, ignore_errors=True)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def build_record(

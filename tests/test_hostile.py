@@ -181,3 +181,18 @@ def test_any_message_gets_exactly_one_reply_the_model_predicts(messages):
     assert shell.rejected == model.rejected
     assert sorted(shell.vcpus) == sorted(model.seq)
     assert shell.kvm.mem == model.mem
+
+
+def test_a_message_nested_deeper_than_pythons_recursion_limit_is_just_malformed():
+    # Found by pvmmu fuzz: the error message's repr() of the nested list raised RecursionError.
+    deep = b"\x91" * 900 + b"\xc0"  # [[[...[nil]...]]]: within msgpack's limit, past Python's repr
+    for data in (deep, b"\x97\x03" + deep + b"\x00" * 5):
+        try:
+            m.unpack(data)
+        except m.MessageError as exc:
+            assert len(str(exc)) < 200
+    shell, doorbell = _shell(Layout(MEM, 1))
+    shell.handle([b"ours", b""], deep)
+    reply = m.unpack(doorbell.sent.pop()[1])
+    assert type(reply) is m.Reject and reply.reason.startswith(m.REJECT_MALFORMED)
+    assert shell.rejected == {m.REJECT_MALFORMED: 1}
