@@ -228,7 +228,8 @@ def _one_run(rng: random.Random, cfg: StressConfig, summary: StressSummary) -> N
     if injector is not None:
         summary.faults_delivered += delivered
         summary.faults_missed += injector.missed
-    what = f"{run_cfg.mode}/{run_cfg.workload} size {run_cfg.ops} seed {run_cfg.seed} vcpus {run_cfg.vcpus}"
+    what = (f"{time.strftime('%H:%M:%S')} {run_cfg.mode}/{run_cfg.workload} size {run_cfg.ops} seed {run_cfg.seed} "
+            f"vcpus {run_cfg.vcpus} queue {run_cfg.queue_bytes} limit {run_cfg.host_limit}")  # fmt: skip
     if record is not None:
         summary.ops += record["ops"]["total"]
         summary.hypercalls += record["hypercalls"]
