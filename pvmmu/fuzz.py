@@ -84,7 +84,9 @@ def _live(pid: int) -> bool:
 
 def _a_dead_pid() -> int:
     """The pid of a process that has exited (a hello naming it must be refused)."""
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60
+    )
     return int(proc.stdout)
 
 

@@ -114,10 +114,11 @@ def random_config(rng: random.Random, cfg: StressConfig) -> RunConfig:
 class FaultInjector:
     """Signals one process of a run at a random moment after it starts, from a helper thread."""
 
-    def __init__(self, target: str, sig: signal.Signals, delay_s: float) -> None:
+    def __init__(self, target: str, sig: signal.Signals, delay_s: float, pick: float) -> None:
         self.target = target  # "host" or "guest"
         self.sig = sig
         self.delay_s = delay_s
+        self.pick = pick  # in [0, 1): which of the guests, drawn from the run's seed
         self.victim_pid: int | None = None
         self.sent_at: float | None = None
         self.missed = False
@@ -142,7 +143,7 @@ class FaultInjector:
         with self._lock:
             if not self._pidfds:
                 return
-            pid, fd = random.choice(self._pidfds)
+            pid, fd = self._pidfds[int(self.pick * len(self._pidfds))]
             try:
                 signal.pidfd_send_signal(fd, self.sig)
                 self.victim_pid, self.sent_at = pid, time.monotonic()
@@ -205,7 +206,9 @@ def _one_run(rng: random.Random, cfg: StressConfig, summary: StressSummary) -> N
     if rng.random() < cfg.kill_rate:
         summary.faults_planned += 1
         # Early moments hit start-up and setup, later ones the measured part and the teardown.
-        injector = FaultInjector(rng.choice(["host", "guest"]), rng.choice(FAULT_SIGNALS), rng.uniform(0.0, 1.0))
+        injector = FaultInjector(
+            rng.choice(["host", "guest"]), rng.choice(FAULT_SIGNALS), rng.uniform(0.0, 1.0), rng.random()
+        )
     spawned: list[Child] = []
 
     def on_spawn(child: Child) -> None:
