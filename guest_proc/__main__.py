@@ -111,11 +111,11 @@ def main(
 ) -> None:
     """Run one guest vCPU against a host."""
     install_signal_handlers()
-    die_with_parent(parent_pid)
     session = None
     code = 0
     phase = "handshake"
     try:
+        die_with_parent(parent_pid)
         session = GuestSession(endpoint, vcpu, queue_bytes, mode, timeout, host_pid, batch_io=io_thread == "batch")
         phase = "setup"
         work = prepare(session.kernel, workload, size, seed)
