@@ -207,14 +207,19 @@ class Child:
 class HostControl:
     """The supervisor's control line to the host (same doorbell, secret token)."""
 
-    def __init__(self, endpoint: str, token: str, timeout_s: float, host_pid: int) -> None:
+    def __init__(self, endpoint: str, token: str, timeout_s: float, host_pid: int, host: Child | None = None) -> None:
         self.token = token
+        self.host = host  # to say how the host died, if it does
         self.doorbell = CallerDoorbell(endpoint, timeout_s, host_pid)
 
     def __call__(self, command: str) -> dict[str, Any]:
         try:
             reply = unpack(self.doorbell.call(pack_control(self.token, command), f"control '{command}'"))
-        except (PeerGone, DoorbellTimeout, MessageError) as exc:
+        except PeerGone as exc:
+            if self.host is None:
+                raise RunError(str(exc)) from None
+            raise RunError(self.host.describe_death(self.host, f"during control '{command}'")) from None
+        except (DoorbellTimeout, MessageError) as exc:
             raise RunError(str(exc)) from None
         if isinstance(reply, Reject):
             raise RunError(f"host refused control '{command}': {reply.reason}")
@@ -285,7 +290,7 @@ def hosted(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) -> I
         host.send(token)
         ready = host.read_event("ready", cfg.timeout, children)
         shm_name = ready["shm"]
-        control = HostControl(endpoint, token, cfg.timeout, host.pid)
+        control = HostControl(endpoint, token, cfg.timeout, host.pid, host)
         yield HostedRun(rundir, endpoint, host, control, shm_name, children, on_spawn)
     finally:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})

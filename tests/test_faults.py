@@ -25,7 +25,7 @@ from protocol.messages import pack_hello, pack_hypercall, unpack
 from pvmmu.doorbell import CallerDoorbell
 from pvmmu.rundir import run_dirs, runtime_dir
 from pvmmu.shm import GuestMemory, list_segments
-from pvmmu.supervisor import RunConfig, hosted, run_pair
+from pvmmu.supervisor import RunConfig, RunError, hosted, run_pair
 
 PVMMU = [sys.executable, "-m", "pvmmu"]
 LONG_RUN = ["run", "--mode", "direct", "--workload", "writes", "--ops", "1000000", "--mem-mb", "64"]
@@ -294,3 +294,12 @@ while True:
     mem.buf[gpa:end] = b
     mem.buf[gpa:end] = a
 """
+
+
+def test_a_host_killed_between_control_commands_is_reported_with_its_signal():
+    with hosted(RunConfig(mem_mb=8)) as run:
+        os.kill(run.host.pid, signal.SIGKILL)
+        run.host.wait_exit(10)
+        with pytest.raises(RunError) as err:
+            run.control("stats")
+    assert str(err.value).startswith(f"host process {run.host.pid} died (signal 9, SIGKILL) during control 'stats'")
