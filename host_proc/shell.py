@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -47,6 +48,7 @@ from pvmmu.doorbell import HostDoorbell
 from pvmmu.liveness import PidWatch
 
 HOUSEKEEPING_S = 0.1
+MAX_DEPARTED = 256
 
 
 @dataclass
@@ -83,7 +85,8 @@ class HostShell:
         self.log = log
         self.vcpus: dict[int, VcpuPeer] = {}
         self.rejected: dict[str, int] = {}
-        self.departed: list[dict[str, Any]] = []  # vCPUs that died without saying bye
+        # vCPUs that died without saying bye: the latest few, so a guest cycling pids cannot grow the host
+        self.departed: deque[dict[str, Any]] = deque(maxlen=MAX_DEPARTED)
         self.running = True
         self.exit_reason = "shutdown"
         self._logged_refusals = 0

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
 
 import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import host_proc.shell as shell_module
 from host_proc.kvm import Kvm
 from host_proc.shadow import gpte_to_spte
 from host_proc.shell import HostShell
@@ -196,3 +198,19 @@ def test_a_message_nested_deeper_than_pythons_recursion_limit_is_just_malformed(
     reply = m.unpack(doorbell.sent.pop()[1])
     assert type(reply) is m.Reject and reply.reason.startswith(m.REJECT_MALFORMED)
     assert shell.rejected == {m.REJECT_MALFORMED: 1}
+
+
+def test_a_guest_cycling_pids_cannot_grow_the_hosts_record_of_departed_vcpus(monkeypatch):
+    monkeypatch.setattr(shell_module, "MAX_DEPARTED", 3)
+    shell, doorbell = _shell(Layout(MEM, 1))
+    pids = []
+    for _ in range(5):
+        p = subprocess.Popen(["sleep", "60"])
+        shell.handle([b"ours", b""], m.pack_hello(0, p.pid))
+        assert type(m.unpack(doorbell.sent.pop()[1])) is m.Welcome
+        p.kill()
+        p.wait()
+        shell.housekeeping()  # notices through the pidfd that the vCPU's process is gone
+        pids.append(p.pid)
+    assert [d["pid"] for d in shell.stats()["departed"]] == pids[-3:]
+    assert shell.stats()["attached"] == []
