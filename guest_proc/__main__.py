@@ -149,12 +149,12 @@ def main(
     """Run one guest vCPU against a host."""
     pin_to(cpus)  # first, so every thread started later inherits it
     install_signal_handlers()
-    die_with_parent(parent_pid)
     session = None
     recorder = None
     code = 0
     phase = "handshake"
     try:
+        die_with_parent(parent_pid)
         factory = KvmParaState
         if trace_out:
             recorder = TraceRecorder(trace_out)

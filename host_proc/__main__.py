@@ -6,13 +6,15 @@ told to shut down, its supervisor dies, or a signal arrives. It unlinks guest
 memory on every one of those paths.
 
 Exit status: 0 after a shutdown request; 1 when its supervisor vanished or
-start-up failed; 128 + N after signal N (130 for SIGINT, 143 for SIGTERM).
+start-up failed; 128 + N after signal N (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP,
+which is also what it gets when its supervisor dies).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -24,8 +26,16 @@ from host_proc.shell import HostShell
 from protocol.abi import KVM_PV_MMU_OP_BUFFER
 from protocol.layout import MAX_VCPUS, Layout, LayoutError
 from pvmmu.doorbell import host_for
-from pvmmu.liveness import PidWatch, Terminated, die_with_parent, install_signal_handlers
+from pvmmu.liveness import (
+    PARENT_DEATH_SIGNAL,
+    PidWatch,
+    Terminated,
+    die_with_parent,
+    install_signal_handlers,
+    parent_gone,
+)
 from pvmmu.options import cpus_option, io_thread_option, parent_pid_option, pin_to
+from pvmmu.rundir import run_dir_owner
 from pvmmu.shm import GuestMemory, SharedMemoryError
 
 _TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -58,6 +68,12 @@ _TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 @cpus_option
 @parent_pid_option
 @click.option("--token-stdin", is_flag=True, help="Read the supervisor's control token from the first stdin line.")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    help="The supervisor's run directory (pvmmu-<parent pid>-*): removed on exit if the supervisor "
+    "(--parent-pid) has died, so a SIGKILLed supervisor leaves nothing behind.",
+)
 def main(
     endpoint: str,
     vcpus: int,
@@ -69,14 +85,16 @@ def main(
     cpus: str | None,
     parent_pid: int | None,
     token_stdin: bool,
+    run_dir: str | None,
 ) -> None:
     """Run the host: guest memory, shadow MMU, KVM_HC_MMU_OP handler."""
     pin_to(cpus)  # first, so every thread started later inherits it
     install_signal_handlers()
-    die_with_parent(parent_pid)
     code = 1
     memory = None
+    signum = None
     try:
+        die_with_parent(parent_pid)  # inside the try: a supervisor already gone still gets the cleanup below
         token = sys.stdin.readline().strip() if token_stdin else None
         layout = Layout(mem_mb << 20, vcpus)
         memory = GuestMemory.create(layout.mem_bytes)
@@ -109,11 +127,12 @@ def main(
             )
             shell.serve()
             code = 0 if shell.exit_reason == "shutdown" else 1
+            signum = PARENT_DEATH_SIGNAL if shell.exit_reason == "parent gone" else None
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)  # tear down without interruption
             doorbell.close()
     except Terminated as t:
-        code = t.exit_code
+        code, signum = t.exit_code, t.signum
     except (LayoutError, SharedMemoryError, ValueError, OSError) as exc:
         print(f"pvmmu host: {exc}", file=sys.stderr)
         code = 1
@@ -124,7 +143,18 @@ def main(
         signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINATING)
         if memory is not None:
             memory.unlink()
+        # After the parent-death signal (or a pidfd that saw the supervisor go) give its other threads a
+        # moment to finish dying; after a plain SIGTERM from a live supervisor, do not wait.
+        _remove_orphaned_run_dir(run_dir, parent_pid, 2.0 if signum == PARENT_DEATH_SIGNAL else 0.0)
     sys.exit(code)
+
+
+def _remove_orphaned_run_dir(run_dir: str | None, parent_pid: int | None, wait_s: float) -> None:
+    """The supervisor normally removes its run directory; if it was SIGKILLed, the host does."""
+    if not run_dir or parent_pid is None or run_dir_owner(run_dir) != parent_pid:
+        return  # never remove a directory that is not that supervisor's
+    if parent_gone(parent_pid, wait_s):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _emit(event: dict) -> None:

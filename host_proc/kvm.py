@@ -107,7 +107,7 @@ class Kvm:
         self.layout = layout
         self.mem_bytes = layout.mem_bytes
         self.host_limit = host_limit
-        self.shadow = ShadowMmu()
+        self.shadow = ShadowMmu(mem)
         self.counters: dict[int, VcpuCounters] = {}
         self.first_refusals: list[str] = []  # the first time each reason was seen, for the log
         self.rings: dict[int, RingConsumer] = {}  # ring mode: vCPU -> its op ring

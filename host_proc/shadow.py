@@ -48,7 +48,8 @@ class ShadowCheck:
 class ShadowMmu:
     """Shadow entries keyed by the guest-physical address of the guest entry."""
 
-    def __init__(self) -> None:
+    def __init__(self, mem: bytes | bytearray | memoryview | None = None) -> None:
+        self.mem = mem  # guest memory, read when a page starts being shadowed
         self.spte: dict[int, int] = {}
         self.pages: set[int] = set()  # gpas of guest pages currently shadowed
         self.stale: dict[int, set[int]] = {}  # vcpu -> pte gpas possibly stale in its TLB
@@ -57,6 +58,9 @@ class ShadowMmu:
     def write(self, vcpu: int, pte_phys: int, pte_val: int) -> None:
         """The guest entry at ``pte_phys`` is now ``pte_val``: keep the shadow in step."""
         spte = self.spte
+        page = pte_phys & ~(PAGE_SIZE - 1)
+        if page not in self.pages:
+            self._shadow_page(page)
         old = spte.get(pte_phys)
         if pte_val & 1:
             new = gpte_to_spte(pte_val)
@@ -66,7 +70,17 @@ class ShadowMmu:
         elif old is not None:
             del spte[pte_phys]
             self._stale(vcpu).add(pte_phys)
-        self.pages.add(pte_phys & ~(PAGE_SIZE - 1))
+
+    def _shadow_page(self, page: int) -> None:
+        """Start shadowing ``page``: every present entry it holds, as KVM builds a shadow page from
+        the guest's table. A page released and reused without being cleared keeps its old entries."""
+        self.pages.add(page)
+        if self.mem is None:
+            return
+        spte = self.spte
+        for i, gpte in enumerate(_PAGE_ENTRIES.unpack_from(self.mem, page)):
+            if gpte & 1:
+                spte[page + i * ENTRY_BYTES] = gpte_to_spte(gpte)
 
     def flush_tlb(self, vcpu: int) -> None:
         self.tlb_flushes += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -20,6 +21,19 @@ from host_proc.kvm import Kvm
 from protocol.layout import MAX_QUEUE_BYTES
 from protocol.messages import (
     PROTOCOL_VERSION,
+    REJECT_ATTACHED,
+    REJECT_BYE,
+    REJECT_COMMAND,
+    REJECT_INTERNAL,
+    REJECT_KICK,
+    REJECT_MALFORMED,
+    REJECT_NO_PROCESS,
+    REJECT_NO_VCPU,
+    REJECT_NOT_ATTACHED,
+    REJECT_NOT_REQUEST,
+    REJECT_SEQUENCE,
+    REJECT_TOKEN,
+    REJECT_VERSION,
     Bye,
     Control,
     Hello,
@@ -38,6 +52,7 @@ from pvmmu.doorbell import Host
 from pvmmu.liveness import PidWatch
 
 HOUSEKEEPING_S = 0.1
+MAX_DEPARTED = 256
 
 
 @dataclass
@@ -78,7 +93,8 @@ class HostShell:
         self.log = log
         self.vcpus: dict[int, VcpuPeer] = {}
         self.rejected: dict[str, int] = {}
-        self.departed: list[dict[str, Any]] = []  # vCPUs that died without saying bye
+        # vCPUs that died without saying bye: the latest few, so a guest cycling pids cannot grow the host
+        self.departed: deque[dict[str, Any]] = deque(maxlen=MAX_DEPARTED)
         self.running = True
         self.exit_reason = "shutdown"
         self._logged_refusals = 0
@@ -97,7 +113,10 @@ class HostShell:
                 continue
             item = recv()
             if item is not None:
-                handle(*item)
+                try:
+                    handle(*item)
+                except Exception as exc:  # a host bug must not let one message take the guest down
+                    self._reject(item[0], None, REJECT_INTERNAL, f"{type(exc).__name__}: {exc}")
             now = time.monotonic()
             if item is None or now >= next_housekeeping:
                 self.housekeeping()
@@ -177,18 +196,16 @@ class HostShell:
         try:
             msg = unpack(payload)
         except MessageError as exc:
-            self._reject(envelope, None, "malformed message", str(exc))
+            self._reject(envelope, None, REJECT_MALFORMED, str(exc))
             return
         kind = type(msg)
         if kind is Hypercall:
             peer = self.vcpus.get(msg.vcpu)
             if peer is None or peer.identity != identity:
-                self._reject(envelope, msg.seq, "hypercall from a vCPU that has not said hello", f"vCPU {msg.vcpu}")
+                self._reject(envelope, msg.seq, REJECT_NOT_ATTACHED, f"vCPU {msg.vcpu}")
                 return
             if msg.seq != peer.seq + 1:
-                self._reject(
-                    envelope, msg.seq, "hypercall out of sequence", f"vCPU {msg.vcpu}: {msg.seq} after {peer.seq}"
-                )
+                self._reject(envelope, msg.seq, REJECT_SEQUENCE, f"vCPU {msg.vcpu}: {msg.seq} after {peer.seq}")
                 return
             peer.seq = msg.seq
             ret = self.kvm.kvm_emulate_hypercall(msg.vcpu, msg.nr, msg.a0, msg.a1, msg.a2)
@@ -199,41 +216,45 @@ class HostShell:
                 reply = pack_return(msg.seq, ret)
             self.doorbell.send(envelope, reply)
         elif kind is Kick:
+            peer = self.vcpus.get(msg.vcpu)
+            if peer is None or peer.identity != identity:
+                self._reject(envelope, None, REJECT_KICK, f"vCPU {msg.vcpu}")
+                return
             self.ring_stats["kicks"] += 1  # no answer: the loop is awake now, which is the point
         elif kind is Hello:
             self._hello(envelope, identity, msg)
         elif kind is Bye:
             peer = self.vcpus.get(msg.vcpu)
             if peer is None or peer.identity != identity:
-                self._reject(envelope, None, "bye from a vCPU that is not attached", f"vCPU {msg.vcpu}")
+                self._reject(envelope, None, REJECT_BYE, f"vCPU {msg.vcpu}")
                 return
             self._drop(peer)
             self.doorbell.send(envelope, pack_return(0, 0))
         elif kind is Control:
             self._control(envelope, msg)
         else:
-            self._reject(envelope, None, "not a request the host serves", kind.__name__)
+            self._reject(envelope, None, REJECT_NOT_REQUEST, kind.__name__)
 
     # -- messages ------------------------------------------------------------------
 
     def _hello(self, envelope: list[bytes], identity: bytes, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
-            self._reject(envelope, None, "wrong protocol version", f"{msg.version}, host speaks {PROTOCOL_VERSION}")
+            self._reject(envelope, None, REJECT_VERSION, f"{msg.version}, host speaks {PROTOCOL_VERSION}")
             return
         layout = self.kvm.layout
         if msg.vcpu >= layout.vcpus:
-            self._reject(envelope, None, "no such vCPU", f"vCPU {msg.vcpu} (guest has {layout.vcpus})")
+            self._reject(envelope, None, REJECT_NO_VCPU, f"vCPU {msg.vcpu} (guest has {layout.vcpus})")
             return
         old = self.vcpus.get(msg.vcpu)
-        if old is not None:
-            if old.watch.alive() and old.identity != identity:
-                self._reject(envelope, None, "vCPU already attached", f"vCPU {msg.vcpu} (pid {old.pid})")
-                return
-            self._drop(old)
-        watch = PidWatch(msg.pid)
-        if not watch.alive():
-            self._reject(envelope, None, "hello from a process that does not exist", f"pid {msg.pid}")
+        if old is not None and old.watch.alive() and old.identity != identity:
+            self._reject(envelope, None, REJECT_ATTACHED, f"vCPU {msg.vcpu} (pid {old.pid})")
             return
+        watch = PidWatch(msg.pid)
+        if not watch.alive():  # checked before anything changes: a refused hello leaves no trace
+            self._reject(envelope, None, REJECT_NO_PROCESS, f"pid {msg.pid}")
+            return
+        if old is not None:
+            self._drop(old)
         if msg.vcpu in self.used:
             # The slot ran a vCPU before: give the new one blank memory, as a fresh guest has.
             gpa, nbytes = self.kvm.reset_vcpu_pool(msg.vcpu)
@@ -261,8 +282,9 @@ class HostShell:
         )
 
     def _control(self, envelope: list[bytes], msg: Control) -> None:
-        if self.token is None or not hmac.compare_digest(msg.token, self.token):
-            self._reject(envelope, None, "control message with a wrong token")
+        # Compare bytes: compare_digest refuses non-ASCII str, and a hostile token may be anything.
+        if self.token is None or not hmac.compare_digest(msg.token.encode(), self.token.encode()):
+            self._reject(envelope, None, REJECT_TOKEN)
             return
         result: dict[str, Any]
         if msg.command == "reset":
@@ -288,7 +310,7 @@ class HostShell:
             self.running = False
             result = {}
         else:
-            self._reject(envelope, None, "unknown control command", repr(msg.command)[:40])
+            self._reject(envelope, None, REJECT_COMMAND, repr(msg.command)[:40])
             return
         self.doorbell.send(envelope, pack_control_reply(msg.command, result))
 

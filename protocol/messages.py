@@ -55,6 +55,22 @@ MSG_COMPLETE = 10
 # Nothing legitimate comes close; the host's socket refuses anything larger.
 MAX_MESSAGE_BYTES = 4096
 
+# A REJECT's reason starts with one of these fixed categories (then ": detail");
+# the host counts refused messages per category (control "stats": "rejected").
+REJECT_MALFORMED = "malformed message"
+REJECT_NOT_ATTACHED = "hypercall from a vCPU that has not said hello"
+REJECT_SEQUENCE = "hypercall out of sequence"
+REJECT_VERSION = "wrong protocol version"
+REJECT_NO_VCPU = "no such vCPU"
+REJECT_ATTACHED = "vCPU already attached"
+REJECT_NO_PROCESS = "hello from a process that does not exist"
+REJECT_BYE = "bye from a vCPU that is not attached"
+REJECT_TOKEN = "control message with a wrong token"
+REJECT_COMMAND = "unknown control command"
+REJECT_NOT_REQUEST = "not a request the host serves"
+REJECT_KICK = "kick from a vCPU that is not attached"
+REJECT_INTERNAL = "internal error"
+
 _I64_MIN = -(1 << 63)
 _U64_MAX = (1 << 64) - 1
 
@@ -179,22 +195,31 @@ def pack_control_reply(command: str, result: dict[str, Any]) -> bytes:
     return _pack([MSG_CONTROL_REPLY, command, result])
 
 
+def _show(value: Any) -> str:
+    """A short description of a hostile value: never the repr of a container, which may nest
+    deeper than Python's recursion limit (the unpacker allows it) or be huge."""
+    if type(value) in (int, bool, float, str, bytes) or value is None:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__name__} of {len(value)}" if isinstance(value, (list, dict)) else type(value).__name__
+
+
 def _int(value: Any, what: str, lo: int = 0, hi: int = _U64_MAX) -> int:
     # bool is an int subclass; msgpack true/false is not a register value.
     if type(value) is not int or not lo <= value <= hi:
-        raise MessageError(f"{what} must be an integer in [{lo}, {hi}], not {value!r}")
+        raise MessageError(f"{what} must be an integer in [{lo}, {hi}], not {_show(value)}")
     return value
 
 
 def _str(value: Any, what: str) -> str:
     if type(value) is not str:
-        raise MessageError(f"{what} must be a string, not {value!r}")
+        raise MessageError(f"{what} must be a string, not {_show(value)}")
     return value
 
 
 def _map(value: Any, what: str) -> dict[str, Any]:
     if type(value) is not dict:
-        raise MessageError(f"{what} must be a map, not {value!r}")
+        raise MessageError(f"{what} must be a map, not {_show(value)}")
     return value
 
 
@@ -268,7 +293,7 @@ def unpack(data: bytes) -> Message:
     if kind == MSG_CONTROL_REPLY and type(kind) is int:
         _arity(msg, 3, "control reply")
         return ControlReply(_str(msg[1], "command"), _map(msg[2], "result"))
-    raise MessageError(f"unknown message type {kind!r}")
+    raise MessageError(f"unknown message type {_show(kind)}")
 
 
 def gpa_args(gpa: int) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from pvmmu import __version__
 from pvmmu.liveness import Terminated, install_signal_handlers
 from pvmmu.options import io_thread_option
 from pvmmu.report import format_run
+from pvmmu.rundir import sweep_stale_run_dirs
 from pvmmu.shm import list_segments, sweep_stale
 from pvmmu.supervisor import EXIT_INCONSISTENT, RunConfig, RunError, run_pair
 
@@ -109,12 +110,18 @@ def run(as_json: bool, **kwargs: Any) -> None:
 
 @main.command()
 def clean() -> None:
-    """Remove shared-memory segments left by runs whose host was killed."""
+    """Remove shared-memory segments and run directories left by runs that were killed."""
     removed = sweep_stale()
     for name in removed:
         click.echo(f"removed /dev/shm/{name}")
+    dirs = sweep_stale_run_dirs()
+    for path in dirs:
+        click.echo(f"removed {path}")
     live = list_segments()
-    click.echo(f"{len(removed)} stale segment(s) removed; {len(live)} in use by running hosts")
+    click.echo(
+        f"{len(removed)} stale segment(s) and {len(dirs)} run director(ies) removed; "
+        f"{len(live)} segment(s) in use by running hosts"
+    )
 
 
 def _guarded(action: Any) -> Any:
@@ -127,6 +134,149 @@ def _guarded(action: Any) -> Any:
     except Terminated as t:
         click.echo(f"pvmmu: {t}; the pair was torn down", err=True)
         sys.exit(t.exit_code)
+
+
+# -- pvmmu fuzz (pvmmu/fuzz.py) ---------------------------------------------------------------
+
+progress_option = click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a status line on stderr."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+
+
+@main.command()
+@click.option(
+    "--cases",
+    type=click.IntRange(0),
+    default=2000,
+    show_default=True,
+    help="Hostile messages and op buffers to send after the handshake.",
+)
+@click.option(
+    "--seed", type=int, default=1, show_default=True, help="Seed of the case generator (a run is reproducible)."
+)
+@click.option(
+    "--flood",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="First send this many malformed messages and check the host's memory grows by less than 10%.",
+)
+@click.option(
+    "--vcpus",
+    type=click.IntRange(1, MAX_VCPUS),
+    default=2,
+    show_default=True,
+    help="vCPUs of the fuzzed guest (the fuzzer holds vCPU 0, and more when a case attaches them).",
+)
+@click.option(
+    "--mem-mb",
+    type=click.IntRange(8, 1024),
+    default=8,
+    show_default=True,
+    help="Guest memory in MiB; all of it is compared with the model every --check-every cases.",
+)
+@click.option(
+    "--host-limit",
+    type=click.IntRange(8, 1 << 20),
+    default=KVM_PV_MMU_OP_BUFFER,
+    show_default=True,
+    help="Bytes the host copies per hypercall.",
+)
+@click.option(
+    "--check-every",
+    type=click.IntRange(1),
+    default=100,
+    show_default=True,
+    help="Compare all of guest memory with the model after this many cases (and at the end).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds the host may take to answer one message before the fuzz fails.",
+)
+@progress_option
+@json_option
+def fuzz(progress: bool, as_json: bool, **kwargs: Any) -> None:
+    """Attack a live host through its real doorbell and check it against the protocol.
+
+    Exit status 0 when the host stayed up, every reply, every byte of guest memory,
+    the shadow and every counter matched the protocol model, and nothing leaked;
+    1 when any of that failed (the failures are listed); 3 when the host could not
+    be started.
+    """  # fmt: skip
+    from pvmmu.fuzz import FuzzConfig, format_result, run_fuzz
+    from pvmmu.progress import Progress
+
+    result = _guarded(lambda: run_fuzz(FuzzConfig(**kwargs), Progress(enabled=progress)))
+    click.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_result(result))
+    if not result.ok:
+        sys.exit(EXIT_INCONSISTENT)
+
+
+# -- pvmmu stress (pvmmu/stress.py) -------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--duration",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Seconds to keep starting runs (default 60 unless --runs is given).",
+)
+@click.option("--runs", type=click.IntRange(1), default=None, help="Stop after this many runs.")
+@click.option(
+    "--kill-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Fraction of runs in which the host or a guest gets SIGKILL, SIGTERM or SIGINT at a random moment.",
+)
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the random configurations and faults.")
+@click.option(
+    "--max-ops",
+    type=click.IntRange(20, 5000),
+    default=2000,
+    show_default=True,
+    help="Largest workload size drawn (sizes are log-uniform from 20).",
+)
+@click.option(
+    "--mem-mb",
+    type=click.IntRange(48, 65536),
+    default=48,
+    show_default=True,
+    help="Guest memory per run, MiB (48 holds the largest draw: 5000 pages on 3 vCPUs).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds any process may stay silent before a run fails.",
+)
+@progress_option
+@json_option
+def stress(progress: bool, as_json: bool, duration: float | None, runs: int | None, **kwargs: Any) -> None:
+    """Randomized runs (modes, workloads, sizes, queues, host limits, seeds), optionally with faults.
+
+    Ends with a summary: runs, ops, outcomes by kind, faults, detection times,
+    leaks. Exit status 0 when every failure is explained by an injected fault and
+    nothing leaked; 1 otherwise; 130/143 when interrupted (after the summary).
+    """  # fmt: skip
+    from pvmmu.progress import Progress
+    from pvmmu.stress import StressConfig, format_summary, run_stress
+
+    if duration is None and runs is None:
+        duration = 60.0
+    cfg = StressConfig(duration=duration, runs=runs, **kwargs)
+    summary = run_stress(cfg, Progress(enabled=progress))
+    click.echo(json.dumps(summary.as_dict(), indent=2) if as_json else format_summary(summary))
+    if summary.interrupted:
+        sys.exit(summary.exit_code)
+    if not summary.ok:
+        sys.exit(EXIT_INCONSISTENT)
 
 
 # Commands that live in their own modules register themselves on ``main`` when imported.

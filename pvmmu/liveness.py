@@ -3,7 +3,7 @@
 - ``PidWatch`` holds a pidfd (Linux 5.3+): it becomes readable the moment the
   process exits, so "is the host still there?" is one non-blocking poll, and a
   dead peer is told apart from a slow one.
-- ``die_with_parent`` asks the kernel for SIGTERM when the supervisor dies
+- ``die_with_parent`` asks the kernel for SIGHUP when the supervisor dies
   (PR_SET_PDEATHSIG), so host and guest tear down instead of lingering.
 - ``install_signal_handlers`` turns SIGTERM/SIGINT/SIGHUP into a ``Terminated``
   exception, so every process unwinds through its ``finally`` blocks and exits
@@ -18,6 +18,7 @@ import select
 import signal
 
 PR_SET_PDEATHSIG = 1
+PID_MAX = 1 << 22  # the kernel's ceiling for /proc/sys/kernel/pid_max
 
 
 class Terminated(BaseException):
@@ -45,15 +46,35 @@ def install_signal_handlers() -> None:
         signal.signal(sig, _raise_terminated)
 
 
+PARENT_DEATH_SIGNAL = signal.SIGHUP
+
+
 def die_with_parent(parent_pid: int | None) -> None:
-    """SIGTERM this process when its parent dies; at once if it already has."""
+    """SIGHUP this process when its parent dies; at once if it already has.
+
+    SIGHUP rather than SIGTERM, so the process can tell its supervisor's death
+    from an ordinary request to stop. The kernel sends it when the *thread* that
+    forked us exits, which may be a moment before the rest of the supervisor:
+    ``parent_gone`` waits for the whole process.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: the pidfd watch below still notices
     if parent_pid is not None and os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
+
+
+def parent_gone(parent_pid: int, wait_s: float = 0.0) -> bool:
+    """Whether process ``parent_pid`` has exited, waiting up to ``wait_s`` for it to finish dying."""
+    watch = PidWatch(parent_pid)
+    try:
+        if watch.fd is not None and wait_s > 0:
+            select.select([watch.fd], [], [], wait_s)
+        return not watch.alive()
+    finally:
+        watch.close()
 
 
 class PidWatch:
@@ -61,10 +82,13 @@ class PidWatch:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.fd: int | None = None
+        if not 0 < pid <= PID_MAX:
+            return  # pid 0 or one no kernel can have: nothing to watch, so never alive
         try:
-            self.fd: int | None = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self.fd = None  # already gone
+            self.fd = os.pidfd_open(pid)
+        except OSError:
+            pass  # gone already (ESRCH), or not a process leader (EINVAL): not a live peer
 
     def alive(self) -> bool:
         if self.fd is None:

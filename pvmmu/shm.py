@@ -129,14 +129,15 @@ def sweep_stale() -> list[str]:
     removed = []
     for name in list_segments():
         pid = creator_pid(name)
-        if pid is None or _pid_alive(pid):
+        if pid is None or pid_alive(pid):
             continue
         if unlink_segment(name):
             removed.append(name)
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (a zombie counts: its pid is not free yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

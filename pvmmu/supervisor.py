@@ -21,19 +21,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psutil
 
 from protocol.abi import KVM_PV_MMU_OP_BUFFER, MMU_QUEUE_SIZE
-from protocol.messages import ControlReply, Reject, pack_control, unpack
+from protocol.messages import ControlReply, MessageError, Reject, pack_control, unpack
 from pvmmu import ctxsw, phases, timeline
-from pvmmu.doorbell import caller_for, pipe_address
+from pvmmu.doorbell import DoorbellTimeout, caller_for, pipe_address
 from pvmmu.latency import histogram_percentile_us, merge
-from pvmmu.liveness import PidWatch
+from pvmmu.liveness import PeerGone, PidWatch
+from pvmmu.rundir import make_run_dir, runtime_dir, sweep_stale_run_dirs  # noqa: F401 (runtime_dir: re-exported)
 from pvmmu.shm import sweep_stale, unlink_segment
 
 RECORD_VERSION = 1
@@ -75,23 +77,18 @@ class RunConfig:
     replay: str | None = None  # replay this trace file instead of running the workload
 
 
-def runtime_dir() -> str:
-    """Where per-run socket directories go: the user's runtime directory, else the temp dir."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
-        return xdg
-    return tempfile.gettempdir()
-
-
 def _how_it_died(returncode: int | None) -> str:
     if returncode is None:
         return "is still running"
+    signum = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    try:
+        name = signal.Signals(signum).name if signum else ""
+    except ValueError:
+        name = "?"
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "?"
-        return f"died (signal {-returncode}, {name})"
+        return f"died (signal {signum}, {name})"
+    if name:  # it caught the signal and exited 128 + N after its own teardown
+        return f"exited with status {returncode} after {name}"
     return f"exited with status {returncode}"
 
 
@@ -225,12 +222,20 @@ class Child:
 class HostControl:
     """The supervisor's control line to the host (same doorbell, secret token)."""
 
-    def __init__(self, address: str, token: str, timeout_s: float, host_pid: int) -> None:
+    def __init__(self, address: str, token: str, timeout_s: float, host_pid: int, host: Child | None = None) -> None:
         self.token = token
+        self.host = host  # to say how the host died, if it does
         self.doorbell = caller_for(address, timeout_s, host_pid)
 
     def __call__(self, command: str) -> dict[str, Any]:
-        reply = unpack(self.doorbell.call(pack_control(self.token, command), f"control '{command}'"))
+        try:
+            reply = unpack(self.doorbell.call(pack_control(self.token, command), f"control '{command}'"))
+        except PeerGone as exc:
+            if self.host is None:
+                raise RunError(str(exc)) from None
+            raise RunError(self.host.describe_death(self.host, f"during control '{command}'")) from None
+        except (DoorbellTimeout, MessageError) as exc:
+            raise RunError(str(exc)) from None
         if isinstance(reply, Reject):
             raise RunError(f"host refused control '{command}': {reply.reason}")
         if not isinstance(reply, ControlReply) or reply.command != command:
@@ -359,24 +364,55 @@ class Links:
         self._open.clear()
 
 
-def run_pair(cfg: RunConfig) -> dict[str, Any]:
-    """One measured run; returns the run record (see README). Raises RunError."""
-    from pvmmu.inputs import finish_outputs, prepare_inputs, record_details  # imports this module
+@dataclass
+class HostedRun:
+    """A running host and the processes spawned beside it (see ``hosted``)."""
 
+    rundir: str
+    links: Links
+    host: Child
+    control: HostControl
+    shm_name: str
+    children: list[Child]  # the host first; everything here is stopped at the end
+    prepared: Any = None  # what ``hosted``'s ``prepare`` returned
+    on_spawn: Callable[[Child], None] | None = None
+
+    def spawn(self, role: str, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Child:
+        child = Child(role, argv, self.rundir, pass_fds)
+        self.links.handed_over(pass_fds)
+        self.children.append(child)
+        if self.on_spawn is not None:
+            self.on_spawn(child)
+        return child
+
+
+@contextmanager
+def hosted(
+    cfg: RunConfig,
+    on_spawn: Callable[[Child], None] | None = None,
+    prepare: Callable[[str], Any] | None = None,
+) -> Iterator[HostedRun]:
+    """Start a host in a fresh run directory; on leaving, tear down everything that belongs to it.
+
+    Used by ``run_pair`` and ``pvmmu fuzz``. ``prepare(rundir)`` runs before any
+    process starts (run_pair checks its input files there). ``on_spawn`` is told
+    about each process as soon as it exists (``pvmmu stress`` uses it to inject
+    faults). Teardown runs with SIGINT/SIGTERM/SIGHUP blocked: a second Ctrl-C must
+    not leave a leak.
+    """
     sweep_stale()
-    host_cpus, guest_cpus = placement_plan(cfg.placement, cfg.vcpus)
-    phases_on = cfg.phases or cfg.timeline is not None
-    if phases_on and cfg.mode == "ring":
-        raise RunError("--phases and --timeline time hypercall round trips; ring mode makes none (it publishes)")
+    sweep_stale_run_dirs()
+    host_cpus, _ = placement_plan(cfg.placement, cfg.vcpus)
     links = Links(cfg.doorbell, cfg.vcpus, "")  # checks the kind before anything is made
-    rundir = tempfile.mkdtemp(prefix="pvmmu-", dir=runtime_dir())  # mode 0700
-    links.endpoint = f"ipc://{rundir}/doorbell"
     token = secrets.token_hex(16)
     children: list[Child] = []
     control: HostControl | None = None
     shm_name: str | None = None
+    rundir: str | None = None
     try:
-        inputs = prepare_inputs(cfg, rundir)  # every input file checked before any process starts
+        rundir = make_run_dir()  # inside the try: a Ctrl-C right after it still removes it
+        links.endpoint = f"ipc://{rundir}/doorbell"
+        prepared = prepare(rundir) if prepare is not None else None
         host = Child(
             "host",
             [
@@ -388,8 +424,9 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
                 "--poll-us", str(cfg.poll_us),
                 "--io-thread", cfg.io_thread,
                 "--parent-pid", str(os.getpid()),
+                "--run-dir", rundir,
                 "--token-stdin",
-                *(["--phases"] if phases_on else []),
+                *(["--phases"] if cfg.phases or cfg.timeline is not None else []),
                 *(["--cpus", _cpu_list(host_cpus)] if host_cpus else []),
             ],
             rundir,
@@ -397,15 +434,42 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
         )  # fmt: skip
         links.handed_over(links.host_fds)
         children.append(host)
+        if on_spawn is not None:
+            on_spawn(host)
         host.send(token)
         ready = host.read_event("ready", cfg.timeout, children)
         shm_name = ready["shm"]
-        control = HostControl(links.control_address, token, cfg.timeout, host.pid)
+        control = HostControl(links.control_address, token, cfg.timeout, host.pid, host)
         links.handed_over(links.control_fds)  # the control caller owns them now
+        yield HostedRun(rundir, links, host, control, shm_name, children, prepared, on_spawn)
+    finally:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        if control is not None:
+            control.close()
+        links.close()
+        for c in reversed(children):
+            c.stop()
+        if shm_name is not None:
+            unlink_segment(shm_name)  # only does something if the host could not (SIGKILL)
+        if rundir is not None:
+            shutil.rmtree(rundir, ignore_errors=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
+
+def run_pair(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) -> dict[str, Any]:
+    """One measured run; returns the run record (see README). Raises RunError."""
+    from pvmmu.inputs import finish_outputs, prepare_inputs, record_details  # imports this module
+
+    _, guest_cpus = placement_plan(cfg.placement, cfg.vcpus)
+    phases_on = cfg.phases or cfg.timeline is not None
+    if phases_on and cfg.mode == "ring":
+        raise RunError("--phases and --timeline time hypercall round trips; ring mode makes none (it publishes)")
+    # every input file is checked before any process starts
+    with hosted(cfg, on_spawn, prepare=lambda rundir: prepare_inputs(cfg, rundir)) as run:
+        host, control, children, links, inputs = run.host, run.control, run.children, run.links, run.prepared
         guests = []
         for v in range(cfg.vcpus):
-            g = Child(
+            g = run.spawn(
                 f"guest{v}" if cfg.vcpus > 1 else "guest",
                 [
                     sys.executable, "-m", "guest_proc",
@@ -427,12 +491,9 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
                     *(["--cpus", _cpu_list(guest_cpus[v])] if guest_cpus[v] else []),
                     *inputs.guest_argv,
                 ],
-                rundir,
                 links.guest_fds(v),
             )  # fmt: skip
-            links.handed_over(links.guest_fds(v))
             guests.append(g)
-            children.append(g)
         # Setup (building the starting address space) is unmeasured but may take a while.
         for g in guests:
             g.read_event("ready", cfg.max_seconds, children)
@@ -470,7 +531,7 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
         )
         record["placement"] = {
             "policy": cfg.placement,
-            "host_cpus": host_cpus,
+            "host_cpus": placement_plan(cfg.placement, cfg.vcpus)[0],
             "guest_cpus": guest_cpus,
             "cpus_available": sorted(os.sched_getaffinity(0)),
             # what the kernel says each process's threads may use, read during the run
@@ -498,18 +559,6 @@ def run_pair(cfg: RunConfig) -> dict[str, Any]:
         if cfg.trace_out:
             record["trace"] = finish_outputs(cfg, inputs)
         return record
-    finally:
-        # Tear down without being interrupted: a second Ctrl-C must not leave a leak.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-        if control is not None:
-            control.close()
-        links.close()
-        for c in reversed(children):
-            c.stop()
-        if shm_name is not None:
-            unlink_segment(shm_name)  # only does something if the host could not (SIGKILL)
-        shutil.rmtree(rundir, ignore_errors=True)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def build_record(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -24,17 +25,29 @@ sys.stdin.readline()
 """
 
 
+def _blocked_on_stdin(pid: int) -> None:
+    """Wait (bounded) until the child's main thread sleeps in readline: between "ready" and that
+    block it still switches, and the two samples below would differ by that one switch."""
+    for _ in range(2000):
+        with open(f"/proc/{pid}/syscall") as f:
+            if f.read().startswith("0 0x0 "):  # blocked in read(0, ...)
+                return
+        time.sleep(0.005)
+
+
 def test_every_thread_is_counted_and_named():
     proc = subprocess.Popen(
         [sys.executable, "-c", PINGPONG, "500"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout.readline().strip() == "ready"
+        _blocked_on_stdin(proc.pid)
         before = ctxsw.sample(proc.pid)
         main_before = psutil.Process(proc.pid).num_ctx_switches()
         proc.stdin.write("go\n")
         proc.stdin.flush()
         assert proc.stdout.readline().strip() == "done"
+        _blocked_on_stdin(proc.pid)
         after = ctxsw.sample(proc.pid)
         main_after = psutil.Process(proc.pid).num_ctx_switches()
     finally:

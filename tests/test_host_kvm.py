@@ -164,3 +164,14 @@ def test_host_applies_what_it_copied_even_if_the_guest_rewrites_the_buffer(kvm):
     length = put(racing, writes(2))
     assert racing.kvm_emulate_hypercall(0, protocol.KVM_HC_MMU_OP, length, *gpa_args(BUF)) == 48
     assert [pte(racing, PT), pte(racing, PT + 8), pte(racing, PT + 0x800)] == [0x1000067, 0x1001067, 0]
+
+
+def test_a_page_released_and_reused_without_clearing_is_shadowed_with_all_its_entries(kvm):
+    # Found by pvmmu fuzz: KVM builds a shadow page from the whole guest table, not just the entry written.
+    hc(kvm, put(kvm, writes(2)))
+    put(kvm, [ReleasePt(PT)])
+    assert hc(kvm, 16) == 16 and kvm.shadow.spte == {}
+    put(kvm, [WritePte(PT + 0x100, 0x9067)])  # the page is a page table again; entries 0 and 1 are still there
+    assert hc(kvm, 24) == 24
+    assert set(kvm.shadow.spte) == {PT, PT + 8, PT + 0x100}
+    assert kvm.check().ok
