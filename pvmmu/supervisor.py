@@ -84,7 +84,7 @@ def _how_it_died(returncode: int | None) -> str:
 class Child:
     """One spawned process: JSON events on its stdout, log in a file, stdin for commands."""
 
-    def __init__(self, role: str, argv: list[str], rundir: str) -> None:
+    def __init__(self, role: str, argv: list[str], rundir: str, pass_fds: tuple[int, ...] = ()) -> None:
         self.role = role
         self.log_path = os.path.join(rundir, f"{role}.log")
         self._log = open(self.log_path, "wb")
@@ -96,6 +96,7 @@ class Child:
             stderr=self._log,
             env=env,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor, which tears down in order
+            pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
         self.watch = PidWatch(self.pid)
