@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
 
 import psutil
@@ -13,8 +16,17 @@ from guest_proc.paravirt import KvmParaState
 from guest_proc.workloads import GuestKernel
 from host_proc.kvm import Kvm
 from protocol.layout import PAGE_SIZE, Layout
-from pvmmu.shm import list_segments
+from pvmmu.shm import creator_pid, list_segments
 from pvmmu.supervisor import runtime_dir
+
+# Other test sessions may run on this machine at the same time, sharing /dev/shm and the temp dir.
+# A marker in the environment, inherited by every process a test starts, tells this session's
+# processes from theirs, and a private runtime directory keeps its run directories apart, so the
+# leak check below neither blames nor kills another session's pairs.
+_SESSION = f"{os.getpid()}-{time.time_ns()}"
+os.environ["PVMMU_TEST_SESSION"] = _SESSION
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="pytest-pvmmu-rt-")
+atexit.register(shutil.rmtree, os.environ["XDG_RUNTIME_DIR"], True)
 
 
 class InProcessPair:
@@ -57,23 +69,40 @@ def _pvmmu_dirs() -> set[str]:
         return set()
 
 
+def _ours(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).environ().get("PVMMU_TEST_SESSION") == _SESSION
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def _pvmmu_processes() -> set[int]:
     found = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "-m host_proc" in cmd or "-m guest_proc" in cmd or "-m pvmmu.benchpeer" in cmd:
+        if ("-m host_proc" in cmd or "-m guest_proc" in cmd or "-m pvmmu.benchpeer" in cmd) and _ours(p.info["pid"]):
             found.add(p.info["pid"])
     return found
+
+
+def _segments() -> set[str]:
+    """This session's segments: those of its live hosts, and any whose host is gone (whoever's: a leak)."""
+    out = set()
+    for name in list_segments():
+        host = creator_pid(name)
+        if host is None or _ours(host) or not psutil.pid_exists(host):
+            out.add(name)
+    return out
 
 
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test must leave no /dev/shm/pvmmu-*, no run directory, no host or guest process."""
-    shm, dirs, procs = set(list_segments()), _pvmmu_dirs(), _pvmmu_processes()
+    shm, dirs, procs = _segments(), _pvmmu_dirs(), _pvmmu_processes()
     yield
     deadline = time.monotonic() + 3
     while True:
-        new_shm = set(list_segments()) - shm
+        new_shm = _segments() - shm
         new_dirs = _pvmmu_dirs() - dirs
         new_procs = _pvmmu_processes() - procs
         if not (new_shm or new_dirs or new_procs) or time.monotonic() > deadline:
