@@ -175,7 +175,7 @@ def format_bench(result: dict[str, Any]) -> str:
         "",
         f"  {'median of ' + str(n):<16}{'round trip (us)':>24}   {'switches per round trip, all threads':>46}",
         f"  {'doorbell':<16}{'mean':>8}{'p50':>8}{'p99':>8}   {'client main':>12}{'other':>7}"
-        f"{'server main':>13}{'other':>7}{'total':>7}{'σ mean':>9}",
+        f"{'server main':>13}{'other':>7}{'total':>7}{'σ/mean':>9}",
     ]
     for r in result["rows"]:
         m = {k: r[k]["median"] for k in r if isinstance(r[k], dict)}

@@ -219,7 +219,7 @@ def noise_warnings(result: dict[str, Any]) -> list[str]:
             rest = stats.summarize(samples[1:])["median"]
             if samples[0] > 0 and rest / samples[0] > SLOW_FIRST:
                 out.append(f"{row['mode']}: the first counted run was {rest / samples[0]:.1f}x slower than the "
-                           f"rest: something was still warming up; raise --warmup")  # fmt: skip
+                           f"rest: caches were cold or the machine busy; raise --warmup")  # fmt: skip
     return out
 
 

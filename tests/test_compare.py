@@ -151,6 +151,7 @@ def test_each_noise_warning_names_its_fix():
     assert "load average was 1.7 on 2 CPUs" in text
     assert "runnable before 3 of 4 runs" in text and "stop it" in text
     assert "direct: the first counted run was 2.0x slower" in text and "raise --warmup" in text
+    assert "multicall: the first" not in text  # its slow run was not the first
 
 
 def test_verdicts_say_untested_or_not_significant_instead_of_claiming():
