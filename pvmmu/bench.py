@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from pvmmu import conditions, ctxsw, stats
-from pvmmu.compare import FORMAT_VERSION, Progress
+from pvmmu.compare import FORMAT_VERSION, Progress, header, plural
 from pvmmu.supervisor import Child, RunConfig, RunError, run_pair, runtime_dir
 
 DOORBELLS = ("os.pipe", "pyzmq REQ/REP", "pvmmu direct")
@@ -166,13 +166,13 @@ def bench(cfg: RunConfig, round_trips: int, repeat: int = 3, progress: Progress 
 
 
 def format_bench(result: dict[str, Any]) -> str:
-    c = result["conditions"]
     n = result["repeat"]
-    lines = [
-        f"pvmmu bench: {result['round_trips']} round trips per run, {n} run{'s' if n != 1 else ''} of each doorbell "
-        f"interleaved ({', '.join(DOORBELLS)}), each between two fresh processes",
-        conditions.describe(c),
-        "",
+    lines = header(
+        f"pvmmu bench: {result['round_trips']} round trips per run, each between two fresh processes",
+        result,
+        f"{plural(n, 'run')} of each doorbell, interleaved ({', '.join(DOORBELLS)}, ...)",
+    )
+    lines += [
         f"  {'median of ' + str(n):<16}{'round trip (us)':>24}   {'switches per round trip, all threads':>46}",
         f"  {'doorbell':<16}{'mean':>8}{'p50':>8}{'p99':>8}   {'client main':>12}{'other':>7}"
         f"{'server main':>13}{'other':>7}{'total':>7}{'σ/mean':>9}",

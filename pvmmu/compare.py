@@ -62,17 +62,18 @@ _LABELS.update(switches_guest_involuntary="guest involuntary switches", switches
 def figures_of(r: Record) -> dict[str, float]:
     """The numbers a summary is made of, from one run record."""
     cs = r["ctx_switches"]
-    return {
+    out = {
         "ops": r["ops"]["total"],
         "hypercalls": r["hypercalls"],
         "ops_per_hypercall": r["ops_per_hypercall"],
         "doorbells": r["doorbells"],
-        "switches_guest_voluntary": cs["guest"]["voluntary"],
-        "switches_guest_involuntary": cs["guest"]["involuntary"],
-        "switches_guest": cs["guest"]["total"],
-        "switches_host_voluntary": cs["host"]["voluntary"],
-        "switches_host_involuntary": cs["host"]["involuntary"],
-        "switches_host": cs["host"]["total"],
+    }
+    for side in ("guest", "host"):
+        out[f"switches_{side}_voluntary"] = cs[side]["voluntary"]
+        out[f"switches_{side}_involuntary"] = cs[side]["involuntary"]
+        out[f"switches_{side}"] = cs[side]["total"]
+    return {
+        **out,
         "switches": cs["total"],
         "switches_per_op": cs["per_op"],
         "ops_per_s": r["ops_per_s"],
@@ -258,21 +259,27 @@ def verdict_line(row: dict[str, Any]) -> str:
     return f"{row['mode']}: {switches}, {speed}; Mann-Whitney U, one-sided, {n}"
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def header(title: str, result: dict[str, Any], runs: str) -> list[str]:
+    """A report's first lines: what was run, the conditions, how the runs were arranged."""
+    return [title, conditions.describe(result["conditions"]), f"  runs         {runs}", ""]
+
+
 def format_compare(result: dict[str, Any]) -> str:
     """The text report: the table of medians, the spread of what varied, warnings, verdict."""
     rows = result["rows"]
-    c = result["conditions"]
-    run = c["run"]
+    run = result["conditions"]["run"]
     n = result["repeat"]
-    lines = [
+    lines = header(
         f"pvmmu compare: workload {run['workload']} (size {run['ops']}, seed {run['seed']}), "
-        f"{run['vcpus']} vCPU{'s' if run['vcpus'] != 1 else ''}, queue {run['queue_bytes']} B, "
-        f"host limit {run['host_limit']} B",
-        conditions.describe(c),
-        f"  runs         {n} per mode, interleaved ({', '.join(result['modes'])}, ...), each a fresh pair, "
-        f"after {result['warmup']} uncounted warm-up round{'s' if result['warmup'] != 1 else ''}",
-        "",
-    ]
+        f"{plural(run['vcpus'], 'vCPU')}, queue {run['queue_bytes']} B, host limit {run['host_limit']} B",
+        result,
+        f"{n} per mode, interleaved ({', '.join(result['modes'])}, ...), each a fresh pair, "
+        f"after {plural(result['warmup'], 'uncounted warm-up round')}",
+    )
     width = max(11, *(len(r["mode"]) + 2 for r in rows))
     head = f"  {'median of ' + str(n) + ' runs':<28}" + "".join(f"{r['mode']:>{width}}" for r in rows)
     lines.append(head)

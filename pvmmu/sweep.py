@@ -16,7 +16,7 @@ from typing import Any
 
 from protocol.abi import KVM_PV_MMU_OP_BUFFER
 from pvmmu import conditions
-from pvmmu.compare import BASELINE, FORMAT_VERSION, Progress, fmt, run_plan, summarize_runs, versus
+from pvmmu.compare import BASELINE, FORMAT_VERSION, Progress, fmt, header, plural, run_plan, summarize_runs, versus
 from pvmmu.supervisor import RunConfig
 
 DEFAULT_QUEUES = (128, 256, 512, 1024, 2048, 4096)
@@ -93,16 +93,15 @@ def best_by_limit(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_sweep(result: dict[str, Any]) -> str:
     """Table of every point beside the baseline, then where each host limit caps the gain."""
-    c = result["conditions"]
-    run = c["run"]
-    n = result["repeat"]
-    lines = [
+    run = result["conditions"]["run"]
+    lines = header(
         f"pvmmu sweep: workload {run['workload']} (size {run['ops']}, seed {run['seed']}), multicall at "
         f"{len(result['queues'])} queue sizes × {len(result['limits'])} host limits, beside {BASELINE}",
-        conditions.describe(c),
-        f"  runs         {n} per point (median shown), each a fresh pair, round-robin, "
-        f"after {result['warmup']} uncounted warm-up round{'s' if result['warmup'] != 1 else ''}",
-        "",
+        result,
+        f"{result['repeat']} per point (median shown), each a fresh pair, round-robin, "
+        f"after {plural(result['warmup'], 'uncounted warm-up round')}",
+    )
+    lines += [
         "   queue  host limit  ops per hypercall  switches   switches fewer than direct      ops/s  speed vs",
         "   bytes       bytes  theory   measured    per op  measured  theory  meas/theory             direct",
     ]

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import struct
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from guest_proc.paravirt import MODES
@@ -285,3 +288,38 @@ def test_cli_bench_and_sweep_json():
     doc = json.loads(s.stdout)
     assert [(p["queue_bytes"], p["host_limit"]) for p in doc["points"]] == [(256, 512)]
     assert doc["points"][0]["figures"]["hypercalls"]["median"] == math.ceil(100 / 10)
+
+
+def test_cli_compare_whose_run_fails_exits_3_without_a_traceback():
+    p = pvmmu("compare", "--ops", "1000000", "--mem-mb", "8", "--repeat", "1", "--warmup", "0", timeout=60)
+    assert p.returncode == 3, p.stderr
+    assert "frame pool exhausted" in p.stderr and "Traceback" not in p.stderr
+
+
+def _has_child(pid: int, text: str) -> bool:
+    for child in psutil.Process(pid).children():
+        try:
+            if text in " ".join(child.cmdline()):
+                return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
+
+
+def test_cli_compare_terminated_mid_run_tears_down_and_exits_143():
+    proc = subprocess.Popen([sys.executable, "-m", "pvmmu", "compare", "--ops", "1000000", "--mem-mb", "64",
+                             "--repeat", "1", "--warmup", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not _has_child(proc.pid, "guest_proc"):
+            assert time.monotonic() < deadline and proc.poll() is None, "no guest appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143
+    assert "terminated by SIGTERM; the pair was torn down" in err and "Traceback" not in err
