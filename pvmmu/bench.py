@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from pvmmu import conditions, ctxsw, stats
-from pvmmu.compare import FORMAT_VERSION, Progress, header, plural
+from pvmmu.compare import FORMAT_VERSION, Progress, format_warnings, header, machine_warnings, plural
 from pvmmu.supervisor import Child, RunConfig, RunError, run_pair, runtime_dir
 
 DOORBELLS = ("os.pipe", "pyzmq REQ/REP", "pvmmu direct")
@@ -162,6 +162,7 @@ def bench(cfg: RunConfig, round_trips: int, repeat: int = 3, progress: Progress 
         "runnable_others": runnable,
         "runs": {name: samples[name] for name in DOORBELLS},
         "consistent": True,  # a pvmmu run that is not raises RunError instead
+        "warnings": machine_warnings(cond, runnable),
     }
 
 
@@ -194,4 +195,5 @@ def format_bench(result: dict[str, Any]) -> str:
         f"{o['pyzmq REQ/REP']['latency_p50']:.2f}x and {o['os.pipe']['latency_p50']:.2f}x), with "
         f"{o['pyzmq REQ/REP']['switches']:.2f}x and {o['os.pipe']['switches']:.2f}x their context switches"
     )
+    lines += format_warnings(result["warnings"])
     return "\n".join(lines)

@@ -187,6 +187,22 @@ def compare(
     return result
 
 
+def machine_warnings(cond: dict[str, Any], runnable: Sequence[int]) -> list[str]:
+    """Signs that other work shared the CPUs: the load average at the start, runnable threads between runs."""
+    out = []
+    cpus = len(cond["cpu_affinity"]) or cond["cpu_count"] or 1
+    load1 = cond["load_average"][0]
+    if load1 > cpus / 2:
+        out.append(f"load average was {load1:g} on {cpus} CPUs at the start: other work competes for the CPUs; "
+                   f"rerun when `uptime` shows a load well below {cpus / 2:g}")  # fmt: skip
+    busy = [n for n in runnable if n > 0]
+    if len(busy) * 2 >= len(runnable) > 0:
+        out.append(f"other threads were runnable before {len(busy)} of {len(runnable)} runs "
+                   f"(up to {max(busy)}): another program is using the CPUs; stop it, or rerun when "
+                   f"/proc/loadavg shows 1 runnable")  # fmt: skip
+    return out
+
+
 def noise_warnings(result: dict[str, Any]) -> list[str]:
     """What in these numbers a reader should not trust, each with what to do about it."""
     out = []
@@ -204,16 +220,7 @@ def noise_warnings(result: dict[str, Any]) -> list[str]:
     if noisy:
         out.append(f"σ above {NOISY_STDEV:.0%} of the mean ({', '.join(noisy)}): rerun with a larger --repeat, "
                    f"on an idle machine")  # fmt: skip
-    cpus = len(cond["cpu_affinity"]) or cond["cpu_count"] or 1
-    load1 = cond["load_average"][0]
-    if load1 > cpus / 2:
-        out.append(f"load average was {load1:g} on {cpus} CPUs at the start: other work competes for the CPUs; "
-                   f"rerun when `uptime` shows a load well below {cpus / 2:g}")  # fmt: skip
-    busy = [n for n in result["runnable_others"] if n > 0]
-    if len(busy) * 2 >= len(result["runnable_others"]) > 0:
-        out.append(f"other threads were runnable before {len(busy)} of {len(result['runnable_others'])} runs "
-                   f"(up to {max(busy)}): another program is using the CPUs; stop it, or rerun when "
-                   f"/proc/loadavg shows 1 runnable")  # fmt: skip
+    out += machine_warnings(cond, result["runnable_others"])
     for row in rows:
         samples = row["figures"]["ops_per_s"]["samples"]
         if len(samples) >= 3:
@@ -297,12 +304,15 @@ def format_compare(result: dict[str, Any]) -> str:
             lines.append(
                 f"  {'  speed vs ' + BASELINE:<28}" + "".join(f"{r['speedup']:>{width - 1}.2f}x" for r in rows)
             )
-    lines += ["", *format_spread(rows, n)]
-    if result["warnings"]:
-        lines += ["", "warnings (the machine may be shared; ratios within one run are what to quote):"]
-        lines += [f"  ! {w}" for w in result["warnings"]]
-    lines += ["", *result["verdict"]]
+    lines += ["", *format_spread(rows, n), *format_warnings(result["warnings"]), "", *result["verdict"]]
     return "\n".join(lines)
+
+
+def format_warnings(warnings: Sequence[str]) -> list[str]:
+    if not warnings:
+        return []
+    return ["", "warnings (the machine may be shared; ratios within one run are what to quote):",
+            *(f"  ! {w}" for w in warnings)]  # fmt: skip
 
 
 def format_spread(rows: Sequence[dict[str, Any]], n: int) -> list[str]:

@@ -16,7 +16,19 @@ from typing import Any
 
 from protocol.abi import KVM_PV_MMU_OP_BUFFER
 from pvmmu import conditions
-from pvmmu.compare import BASELINE, FORMAT_VERSION, Progress, fmt, header, plural, run_plan, summarize_runs, versus
+from pvmmu.compare import (
+    BASELINE,
+    FORMAT_VERSION,
+    Progress,
+    fmt,
+    format_warnings,
+    header,
+    machine_warnings,
+    plural,
+    run_plan,
+    summarize_runs,
+    versus,
+)
 from pvmmu.supervisor import RunConfig
 
 DEFAULT_QUEUES = (128, 256, 512, 1024, 2048, 4096)
@@ -68,6 +80,7 @@ def sweep(
         "runs": [r for recs in counted for r in recs],
         "warmup_runs": warm,
         "consistent": baseline["consistent"] and all(p["consistent"] for p in points),
+        "warnings": machine_warnings(cond, runnable),
     }
     at_512 = [p["theory"]["ops_per_hypercall"] for p in points if p["host_limit"] == KVM_PV_MMU_OP_BUFFER]
     result["cap_512"] = max(at_512) if at_512 else None
@@ -131,4 +144,11 @@ def format_sweep(result: dict[str, Any]) -> str:
                 for p in patch_q
             )
         )
+    bad = [
+        f"queue {p['queue_bytes']} B / host limit {p['host_limit']} B" for p in result["points"] if not p["consistent"]
+    ]
+    if not result["baseline"]["consistent"]:
+        bad.insert(0, "the direct baseline")
+    warnings = [f"inconsistent runs (see their records' problems): {', '.join(bad)}"] if bad else []
+    lines += format_warnings(warnings + result["warnings"])
     return "\n".join(lines)
