@@ -274,8 +274,7 @@ def bench(round_trips: int, repeat: int, io_thread: str, timeout: float, as_json
     """
     from pvmmu import bench as bn
 
-    cfg = RunConfig(mode="direct", workload="writes", ops=round_trips, io_thread=io_thread, timeout=timeout,
-                    mem_mb=max(64, round_trips // 40))  # fmt: skip
+    cfg = RunConfig(mode="direct", workload="writes", ops=round_trips, io_thread=io_thread, timeout=timeout)
     with _progress(repeat * len(bn.DOORBELLS), "pvmmu bench", not as_json) as progress:
         result = _guarded(lambda: bn.bench(cfg, round_trips, repeat, progress))
     _finish(result, as_json, bn.format_bench, None, None)
