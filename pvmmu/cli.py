@@ -154,8 +154,7 @@ def _finish(result: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any
         except OSError as exc:
             click.echo(f"pvmmu: could not write the plot: {exc}", err=True)
             sys.exit(EXIT_RUN_FAILED)
-        if not as_json:
-            click.echo(f"plot written to {plot_path}")
+        click.echo(f"plot written to {plot_path}", err=True)  # stdout ends with the verdict (or is pure JSON)
     if not result["consistent"]:
         sys.exit(EXIT_INCONSISTENT)
 

@@ -48,13 +48,13 @@ def _footer(result: dict[str, Any]) -> str:
 
 def plot_compare(result: dict[str, Any], path: str) -> None:
     """Switches per op and ops/s per mode: bars are medians, dots single runs, theory marked."""
-    from pvmmu.compare import claim
+    from pvmmu.compare import BASELINE, claim
 
     plt = _pyplot()
     rows = result["rows"]
     run = result["conditions"]["run"]
     modes = [r["mode"] for r in rows]
-    base = rows[0]
+    base = next(r for r in rows if r["mode"] == BASELINE)
     x = range(len(rows))
     fig, (ax_sw, ax_speed) = plt.subplots(1, 2, figsize=(12, 5.2))
 

@@ -240,7 +240,7 @@ def test_cli_compare_json_and_plot(tmp_path):
     p = pvmmu("compare", "--ops", "200", "--mem-mb", "16", "--repeat", "1", "--warmup", "0", "--json",
               "--plot", str(out_png))  # fmt: skip
     assert p.returncode == 0, p.stderr
-    assert p.stderr == ""  # no progress bar when stderr is not a terminal
+    assert p.stderr == f"plot written to {out_png}\n"  # and no progress bar: stderr is not a terminal
     doc = json.loads(p.stdout)
     assert doc["version"] == compare.FORMAT_VERSION and doc["command"] == "compare"
     assert [r["mode"] for r in doc["runs"]] == list(MODES)
