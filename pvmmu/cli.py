@@ -8,8 +8,10 @@ SIGINT / SIGTERM, after an orderly teardown.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -24,7 +26,7 @@ from pvmmu.options import io_thread_option
 from pvmmu.report import format_run
 from pvmmu.rundir import sweep_stale_run_dirs
 from pvmmu.shm import list_segments, sweep_stale
-from pvmmu.supervisor import EXIT_INCONSISTENT, RunConfig, RunError, run_pair
+from pvmmu.supervisor import EXIT_INCONSISTENT, EXIT_RUN_FAILED, RunConfig, RunError, run_pair
 
 
 def run_options(f: Any) -> Any:
@@ -134,6 +136,179 @@ def _guarded(action: Any) -> Any:
     except Terminated as t:
         click.echo(f"pvmmu: {t}; the pair was torn down", err=True)
         sys.exit(t.exit_code)
+
+
+# --- compare, sweep, bench: measurements beside the theory (logic in their own modules) ---
+
+
+def _plot_check(path: str | None) -> None:
+    """Refuse --plot before measuring anything if it could not be written (exit 2, one line)."""
+    if path is None:
+        return
+    from pvmmu.plot import PlotUnavailable, require
+
+    try:
+        require(path)
+    except PlotUnavailable as exc:
+        click.echo(f"pvmmu: {exc}", err=True)
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[str], None] | None]:
+    """A progress bar on stderr, only for a person watching (a terminal, not --json)."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=False,
+                           item_show_func=lambda s: s) as bar:  # fmt: skip
+        started = False
+
+        def step(what: str) -> None:
+            nonlocal started
+            bar.update(1 if started else 0, what)
+            started = True
+
+        yield step
+        bar.update(1, "done")
+
+
+def _finish(result: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str], plot: Any,
+            plot_path: str | None) -> None:  # fmt: skip
+    """Print, plot, and exit 1 when any run was inconsistent."""
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(text(result))
+    if plot_path:
+        try:
+            plot(result, plot_path)
+        except OSError as exc:
+            click.echo(f"pvmmu: could not write the plot: {exc}", err=True)
+            sys.exit(EXIT_RUN_FAILED)
+        click.echo(f"plot written to {plot_path}", err=True)  # stdout ends with the verdict (or is pure JSON)
+    if not result["consistent"]:
+        sys.exit(EXIT_INCONSISTENT)
+
+
+_json_option = click.option("--json", "as_json", is_flag=True,
+                            help="Print one JSON object: every run's full record, the summary rows, conditions.")  # fmt: skip
+_plot_option = click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
+                            help="Also draw the result as a PNG (needs matplotlib: pip install 'pvmmu[plot]').")  # fmt: skip
+
+
+@main.command()
+@run_options
+@click.option("--repeat", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Counted runs of each mode, interleaved (direct, queued, multicall, direct, ...); "
+                   "3 or more for a significance test.")  # fmt: skip
+@click.option("--warmup", type=click.IntRange(0, 100), default=1, show_default=True,
+              help="Uncounted rounds before the counted ones (every mode once each).")  # fmt: skip
+@_json_option
+@_plot_option
+def compare(repeat: int, warmup: int, as_json: bool, plot_path: str | None, **kwargs: Any) -> None:
+    """Run every mode on the same op stream and compare each with direct, beside the theory.
+
+    Each run is a fresh host/guest pair. A mode is called "N x fewer switches"
+    or "faster" only when a one-sided Mann-Whitney U test says so (p <= 0.05).
+    """
+    from pvmmu import compare as cmp
+    from pvmmu.plot import plot_compare
+
+    _plot_check(plot_path)
+    cfg = RunConfig(**kwargs)
+    total = (repeat + warmup) * len(MODES)
+    with _progress(total, "pvmmu compare", not as_json) as progress:
+        result = _guarded(lambda: cmp.compare(cfg, repeat, warmup, MODES, progress))
+    _finish(result, as_json, cmp.format_compare, plot_compare, plot_path)
+
+
+class _IntList(click.ParamType):
+    """A comma-separated list of integers in a range, e.g. 128,256,512."""
+
+    name = "LIST"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            items = [int(x) for x in str(value).split(",") if x.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not items:
+            self.fail("the list is empty", param, ctx)
+        for x in items:
+            if not self.low <= x <= self.high:
+                self.fail(f"{x} is not in the range {self.low}<=x<={self.high}", param, ctx)
+        return tuple(dict.fromkeys(items))  # in the order given, once each
+
+
+def _without(*names: str) -> Callable[[Any], Any]:
+    """Drop options that ``run_options`` added below (click keeps them in ``__click_params__`` until the
+    command is built), so a command can offer its own version of them."""
+
+    def drop(f: Any) -> Any:
+        f.__click_params__ = [p for p in f.__click_params__ if p.name not in names]
+        return f
+
+    return drop
+
+
+@main.command()
+@click.option("--queue-bytes", "queues", type=_IntList(24, MAX_QUEUE_BYTES), default="128,256,512,1024,2048,4096",
+              show_default=True, help="Guest mmu_queue sizes to try, comma-separated.")  # fmt: skip
+@click.option("--host-limit", "limits", type=_IntList(24, 1 << 20), default="512,1024,4096", show_default=True,
+              help="Bytes the host copies per hypercall, comma-separated (2.6.26: 512).")  # fmt: skip
+@_without("queue_bytes", "host_limit")
+@run_options
+@click.option("--repeat", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Counted runs of every point, round-robin; the table shows medians.")  # fmt: skip
+@click.option("--warmup", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="Uncounted rounds of the whole grid before the counted ones.")  # fmt: skip
+@_json_option
+@_plot_option
+def sweep(queues: tuple[int, ...], limits: tuple[int, ...], repeat: int, warmup: int, as_json: bool,
+          plot_path: str | None, **kwargs: Any) -> None:  # fmt: skip
+    """Vary the queue size and the host's copy limit: switches per op and ops/s against ops per hypercall.
+
+    Runs direct once as the baseline, then multicall at every queue size ×
+    host limit, each a fresh pair, and sets each beside the theory.
+    """
+    from pvmmu import sweep as sw
+    from pvmmu.plot import plot_sweep
+
+    _plot_check(plot_path)
+    cfg = RunConfig(**kwargs)
+    total = (repeat + warmup) * (1 + len(queues) * len(limits))
+    with _progress(total, "pvmmu sweep", not as_json) as progress:
+        result = _guarded(lambda: sw.sweep(cfg, queues, limits, repeat, warmup, progress))
+    _finish(result, as_json, sw.format_sweep, plot_sweep, plot_path)
+
+
+@main.command()
+@click.option("--round-trips", type=click.IntRange(1, 10**7), default=10000, show_default=True,
+              help="Round trips per run of each doorbell (pvmmu: direct-mode write_pte, one hypercall each).")  # fmt: skip
+@click.option("--repeat", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Runs of each doorbell, interleaved (pipe, zmq, pvmmu, pipe, ...); the table shows medians.")  # fmt: skip
+@io_thread_option
+@click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="Seconds any process may stay silent before the run fails.")  # fmt: skip
+@_json_option
+def bench(round_trips: int, repeat: int, io_thread: str, timeout: float, as_json: bool) -> None:
+    """The doorbell's floor: raw os.pipe and pyzmq REQ/REP round trips beside pvmmu's direct hypercall.
+
+    Each is measured between two fresh processes, switches counted on every
+    thread of both, in the same sitting; pvmmu's overhead is printed as ratios.
+    """
+    from pvmmu import bench as bn
+
+    cfg = RunConfig(mode="direct", workload="writes", ops=round_trips, io_thread=io_thread, timeout=timeout)
+    with _progress(repeat * len(bn.DOORBELLS), "pvmmu bench", not as_json) as progress:
+        result = _guarded(lambda: bn.bench(cfg, round_trips, repeat, progress))
+    _finish(result, as_json, bn.format_bench, None, None)
 
 
 # -- pvmmu fuzz (pvmmu/fuzz.py) ---------------------------------------------------------------

@@ -125,7 +125,7 @@ def _pvmmu_processes() -> set[int]:
     found = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "-m host_proc" in cmd or "-m guest_proc" in cmd:
+        if "-m host_proc" in cmd or "-m guest_proc" in cmd or "-m pvmmu.benchpeer" in cmd:
             try:
                 if p.environ().get("PVMMU_SHM_TAG") == SESSION_TAG:
                     found.add(p.info["pid"])
