@@ -197,32 +197,6 @@ _plot_option = click.option("--plot", "plot_path", type=click.Path(dir_okay=Fals
                             help="Also draw the result as a PNG (needs matplotlib: pip install 'pvmmu[plot]').")  # fmt: skip
 
 
-@main.command()
-@run_options
-@click.option("--repeat", type=click.IntRange(1, 1000), default=3, show_default=True,
-              help="Counted runs of each mode, interleaved (direct, queued, multicall, direct, ...); "
-                   "3 or more for a significance test.")  # fmt: skip
-@click.option("--warmup", type=click.IntRange(0, 100), default=1, show_default=True,
-              help="Uncounted rounds before the counted ones (every mode once each).")  # fmt: skip
-@_json_option
-@_plot_option
-def compare(repeat: int, warmup: int, as_json: bool, plot_path: str | None, **kwargs: Any) -> None:
-    """Run every mode on the same op stream and compare each with direct, beside the theory.
-
-    Each run is a fresh host/guest pair. A mode is called "N x fewer switches"
-    or "faster" only when a one-sided Mann-Whitney U test says so (p <= 0.05).
-    """
-    from pvmmu import compare as cmp
-    from pvmmu.plot import plot_compare
-
-    _plot_check(plot_path)
-    cfg = RunConfig(**kwargs)
-    total = (repeat + warmup) * len(MODES)
-    with _progress(total, "pvmmu compare", not as_json) as progress:
-        result = _guarded(lambda: cmp.compare(cfg, repeat, warmup, MODES, progress))
-    _finish(result, as_json, cmp.format_compare, plot_compare, plot_path)
-
-
 class _IntList(click.ParamType):
     """A comma-separated list of integers in a range, e.g. 128,256,512."""
 
@@ -255,6 +229,69 @@ def _without(*names: str) -> Callable[[Any], Any]:
         return f
 
     return drop
+
+
+class _Choices(click.ParamType):
+    """A comma-separated list of names from a fixed set, e.g. any,same,split."""
+
+    name = "LIST"
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        items = [x.strip() for x in str(value).split(",") if x.strip()]
+        if not items:
+            self.fail("the list is empty", param, ctx)
+        for x in items:
+            if x not in self.choices:
+                self.fail(f"{x!r} is not one of {', '.join(self.choices)}", param, ctx)
+        return tuple(dict.fromkeys(items))
+
+
+@main.command()
+@_without("placement")
+@run_options
+@click.option("--modes", type=_Choices(MODES), default=",".join(MODES), show_default=True,
+              help="The modes to run, comma-separated; direct (the baseline) must be one.")  # fmt: skip
+@click.option("--placement", "placements", type=_Choices(("any", "same", "split")), default="any",
+              show_default=True,
+              help="CPU placement, or several comma-separated (any,same,split) to set placement beside "
+                   "batching: each placement then has its own direct baseline.")  # fmt: skip
+@click.option("--repeat", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Counted runs of each mode, interleaved (direct, queued, multicall, direct, ...); "
+                   "3 or more for a significance test.")  # fmt: skip
+@click.option("--warmup", type=click.IntRange(0, 100), default=1, show_default=True,
+              help="Uncounted rounds before the counted ones (every mode once each).")  # fmt: skip
+@_json_option
+@_plot_option
+def compare(
+    modes: tuple[str, ...],
+    placements: tuple[str, ...],
+    repeat: int,
+    warmup: int,
+    as_json: bool,
+    plot_path: str | None,
+    **kwargs: Any,
+) -> None:
+    """Run every mode on the same op stream and compare each with direct, beside the theory.
+
+    Each run is a fresh host/guest pair. A mode is called "N x fewer switches"
+    or "faster" only when a one-sided Mann-Whitney U test says so (p <= 0.05).
+    """
+    from pvmmu import compare as cmp
+    from pvmmu.plot import plot_compare
+
+    _plot_check(plot_path)
+    if "direct" not in modes:
+        raise click.BadParameter("direct is the baseline: include it", param_hint="--modes")
+    cfg = RunConfig(placement=placements[0], **kwargs)
+    total = (repeat + warmup) * len(modes) * len(placements)
+    with _progress(total, "pvmmu compare", not as_json) as progress:
+        result = _guarded(lambda: cmp.compare(cfg, repeat, warmup, modes, progress, placements))
+    _finish(result, as_json, cmp.format_compare, plot_compare, plot_path)
 
 
 @main.command()

@@ -156,26 +156,45 @@ def compare(
     warmup: int = 1,
     modes: Sequence[str] = MODES,
     progress: Progress | None = None,
+    placements: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Run every mode on ``cfg``'s workload; the whole report as one JSON-able dict."""
+    """Run every mode (at every placement) on ``cfg``'s workload; the report as one JSON-able dict.
+
+    With several ``placements`` each has its own ``direct`` baseline, so a row says
+    what batching buys at that placement; placements are compared across rows.
+    """
     if BASELINE not in modes:
         raise ValueError(f"the modes must include {BASELINE}, the baseline")
+    placements = list(placements or [cfg.placement])
     cond = conditions.collect(cfg)
-    configs = [replace(cfg, mode=m) for m in modes]
-    counted, warm, runnable = run_plan(configs, repeat, warmup, progress)
+    # ring mode makes no hypercall round trips to stamp: --phases applies to the others
+    configs = [replace(cfg, mode=m, placement=p, phases=cfg.phases and m != "ring") for p in placements for m in modes]
+    counted, warm, runnable = run_plan(configs, repeat, warmup, progress, name=lambda c: label(c, placements))
     cond["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    rows = [{"mode": m, **summarize_runs(recs)} for m, recs in zip(modes, counted, strict=True)]
-    base = rows[list(modes).index(BASELINE)]
-    for row in rows:
-        row.update(versus(row, base))
+    rows = [
+        {"mode": c.mode, "placement": c.placement, "label": label(c, placements), **summarize_runs(recs)}
+        for c, recs in zip(configs, counted, strict=True)
+    ]
+    for p in placements:
+        group = [r for r in rows if r["placement"] == p]
+        base = next(r for r in group if r["mode"] == BASELINE)
+        for row in group:
+            row.update(versus(row, base))
+            row["baseline"] = {
+                "label": base["label"],
+                "switches_per_op": base["figures"]["switches_per_op"]["median"],
+                "ops_per_s": base["figures"]["ops_per_s"]["median"],
+            }
+    labels = [_name(r) for r in rows]
     result = {
         "version": FORMAT_VERSION,
         "command": "compare",
         "conditions": cond,
         "modes": list(modes),
+        "placements": placements,
         "repeat": repeat,
         "warmup": warmup,
-        "order": "interleaved: " + ", ".join(modes) + ", then again",
+        "order": "interleaved: " + ", ".join(labels) + ", then again",
         "rows": rows,
         "runnable_others": runnable,
         "runs": [r for rnd in range(repeat) for recs in counted for r in recs if r["round"] == rnd],
@@ -183,8 +202,53 @@ def compare(
     }
     result["warnings"] = noise_warnings(result)
     result["verdict"] = [verdict_line(row) for row in rows if row["mode"] != BASELINE]
+    if len(placements) > 1:
+        result["verdict"] += placement_lines(rows, placements)
     result["consistent"] = all(row["consistent"] for row in rows)
     return result
+
+
+def _name(row: dict[str, Any]) -> str:
+    return row.get("label", row["mode"])
+
+
+def _base(row: dict[str, Any]) -> str:
+    return row.get("baseline", {}).get("label", BASELINE)
+
+
+def _ring_note(row: dict[str, Any]) -> str:
+    """Ring mode's theory counts a doorbell per flush; the ring rings only for a sleeping host."""
+    if row["mode"] != "ring":
+        return ""
+    f = row["figures"]
+    return (f"; the ring rang {f['doorbells']['median']:.0f} doorbells for {f['hypercalls']['median']:.0f} "
+            f"flushes (medians): theory assumes one each")  # fmt: skip
+
+
+def label(cfg: RunConfig, placements: Sequence[str]) -> str:
+    """A row's name: the mode, and the placement when several are compared."""
+    return f"{cfg.mode} {cfg.placement}" if len(placements) > 1 else cfg.mode
+
+
+def placement_lines(rows: Sequence[dict[str, Any]], placements: Sequence[str]) -> list[str]:
+    """Per mode, what each placement did to its speed, against the first placement given."""
+    out = []
+    first = placements[0]
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        by = {r["placement"]: r for r in rows if r["mode"] == mode}
+        ref = by[first]["figures"]
+        parts = []
+        for p in placements[1:]:
+            f = by[p]["figures"]
+            speed = f["ops_per_s"]["median"] / ref["ops_per_s"]["median"] if ref["ops_per_s"]["median"] else 0.0
+            spo = (
+                f["switches_per_op"]["median"] / ref["switches_per_op"]["median"]
+                if ref["switches_per_op"]["median"]
+                else 0.0
+            )
+            parts.append(f"{p} {speed:.2f}x the ops/s and {spo:.2f}x the switches per op of {first}")
+        out.append(f"{mode}: {'; '.join(parts)}")
+    return out
 
 
 def machine_warnings(cond: dict[str, Any], runnable: Sequence[int]) -> list[str]:
@@ -209,14 +273,14 @@ def noise_warnings(result: dict[str, Any]) -> list[str]:
     rows, cond = result["rows"], result["conditions"]
     for row in rows:
         if not row["consistent"]:
-            out.append(f"{row['mode']}: a run ended inconsistent (see its record's problems): its figures "
+            out.append(f"{_name(row)}: a run ended inconsistent (see its record's problems): its figures "
                        f"describe a broken run; report it, do not quote them")  # fmt: skip
     noisy = []
     for row in rows:
         for key in ("switches_per_op", "ops_per_s", "latency_p50_us"):
             s = row["figures"][key]
             if s["n"] > 1 and stats.relative_stdev(s) > NOISY_STDEV:
-                noisy.append(f"{row['mode']} {_LABELS[key]} {stats.relative_stdev(s):.0%}")
+                noisy.append(f"{_name(row)} {_LABELS[key]} {stats.relative_stdev(s):.0%}")
     if noisy:
         out.append(f"σ above {NOISY_STDEV:.0%} of the mean ({', '.join(noisy)}): rerun with a larger --repeat, "
                    f"on an idle machine")  # fmt: skip
@@ -226,7 +290,7 @@ def noise_warnings(result: dict[str, Any]) -> list[str]:
         if len(samples) >= 3:
             rest = stats.summarize(samples[1:])["median"]
             if samples[0] > 0 and rest / samples[0] > SLOW_FIRST:
-                out.append(f"{row['mode']}: the first counted run was {rest / samples[0]:.1f}x slower than the "
+                out.append(f"{_name(row)}: the first counted run was {rest / samples[0]:.1f}x slower than the "
                            f"rest: caches were cold or the machine busy; raise --warmup")  # fmt: skip
     return out
 
@@ -251,19 +315,21 @@ def verdict_line(row: dict[str, Any]) -> str:
     )
     theory = f"theory {row['theory_reduction']:.1f}x, {row['measured_over_theory']:.0%}"
     if stats.min_exact_p(sw["n_x"], sw["n_y"]) > sw["alpha"]:
-        return (f"{row['mode']}: switches per op {BASELINE}/{row['mode']} {row['reduction']:.1f}x ({theory}), "
-                f"speed {row['mode']}/{BASELINE} {row['speedup']:.2f}x; untested for significance with {n}: "
-                f"use --repeat 3 or more")  # fmt: skip
+        base = _base(row)
+        return (f"{_name(row)}: switches per op {base}/{_name(row)} {row['reduction']:.1f}x ({theory}), "
+                f"speed {_name(row)}/{base} {row['speedup']:.2f}x; untested for significance with {n}: "
+                f"use --repeat 3 or more{_ring_note(row)}")  # fmt: skip
+    base = _base(row)
     if sw["significant"]:
-        switches = f"{row['reduction']:.1f}x fewer context switches than {BASELINE} ({theory}; p={sw['p']:.2g})"
+        switches = f"{row['reduction']:.1f}x fewer context switches than {base} ({theory}; p={sw['p']:.2g})"
     else:
-        switches = (f"no significant difference in context switches from {BASELINE} "
+        switches = (f"no significant difference in context switches from {base} "
                     f"({row['reduction']:.2f}x, {theory}; p={sw['p']:.2g})")  # fmt: skip
     if fast["significant"]:
         speed = f"{row['speedup']:.1f}x faster (p={fast['p']:.2g})"
     else:
         speed = f"not significantly faster ({row['speedup']:.2f}x, p={fast['p']:.2g})"
-    return f"{row['mode']}: {switches}, {speed}; Mann-Whitney U, one-sided, {n}"
+    return f"{_name(row)}: {switches}, {speed}; Mann-Whitney U, one-sided, {n}{_ring_note(row)}"
 
 
 def plural(n: int, word: str) -> str:
@@ -284,11 +350,11 @@ def format_compare(result: dict[str, Any]) -> str:
         f"pvmmu compare: workload {run['workload']} (size {run['ops']}, seed {run['seed']}), "
         f"{plural(run['vcpus'], 'vCPU')}, queue {run['queue_bytes']} B, host limit {run['host_limit']} B",
         result,
-        f"{n} per mode, interleaved ({', '.join(result['modes'])}, ...), each a fresh pair, "
+        f"{n} per mode, interleaved ({', '.join(_name(r) for r in rows)}, ...), each a fresh pair, "
         f"after {plural(result['warmup'], 'uncounted warm-up round')}",
     )
-    width = max(11, *(len(r["mode"]) + 2 for r in rows))
-    head = f"  {'median of ' + str(n) + ' runs':<28}" + "".join(f"{r['mode']:>{width}}" for r in rows)
+    width = max(11, *(len(_name(r)) + 2 for r in rows))
+    head = f"  {'median of ' + str(n) + ' runs':<28}" + "".join(f"{_name(r):>{width}}" for r in rows)
     lines.append(head)
     for key, label, spec in FIGURES:
         lines.append(f"  {label:<28}" + "".join(f"{fmt(r['figures'][key]['median'], spec):>{width}}" for r in rows))
@@ -319,8 +385,9 @@ def format_spread(rows: Sequence[dict[str, Any]], n: int) -> list[str]:
     """N, median, mean ± σ, min–max and p99 of every figure that varied between runs."""
     if n < 2:
         return ["  one run per mode: no spread to show (--repeat 3 or more for statistics)"]
+    lab = max(11, *(len(_name(r)) + 1 for r in rows))
     lines = [
-        f"  {'spread over runs':<28}{'mode':<11}{'N':>3}{'median':>10}{'mean ± σ':>24}{'min – max':>24}{'p99':>10}"
+        f"  {'spread over runs':<28}{'mode':<{lab}}{'N':>3}{'median':>10}{'mean ± σ':>24}{'min – max':>24}{'p99':>10}"
     ]
     steady = []
     for key, _, spec in FIGURES:
@@ -333,7 +400,7 @@ def format_spread(rows: Sequence[dict[str, Any]], n: int) -> list[str]:
             s = r["figures"][key]
             mean_sd = f"{fmt(s['mean'], spec)} ± {fmt(s['stdev'], spec)} ({stats.relative_stdev(s):.0%})"
             lines.append(
-                f"  {(_LABELS[key] if i == 0 else ''):<28}{r['mode']:<11}{s['n']:>3}{fmt(s['median'], spec):>10}"
+                f"  {(_LABELS[key] if i == 0 else ''):<28}{_name(r):<{lab}}{s['n']:>3}{fmt(s['median'], spec):>10}"
                 f"{mean_sd:>24}{fmt(s['min'], spec) + ' – ' + fmt(s['max'], spec):>24}{fmt(s['p99'], spec):>10}"
             )
     if steady:

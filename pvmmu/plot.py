@@ -7,7 +7,12 @@ from typing import Any
 
 INSTALL_HINT = "pip install 'pvmmu[plot]'"
 # Tick notes for the modes people know by another name; a mode added later shows its bare name.
-MODE_NOTES = {"direct": "one hypercall per op", "queued": "the seed's reading", "multicall": "the patch"}
+MODE_NOTES = {
+    "direct": "one hypercall per op",
+    "queued": "the seed's reading",
+    "multicall": "the patch",
+    "ring": "beyond the patch",
+}
 COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
 
 
@@ -53,53 +58,66 @@ def plot_compare(result: dict[str, Any], path: str) -> None:
     plt = _pyplot()
     rows = result["rows"]
     run = result["conditions"]["run"]
-    modes = [r["mode"] for r in rows]
-    base = next(r for r in rows if r["mode"] == BASELINE)
     x = range(len(rows))
-    fig, (ax_sw, ax_speed) = plt.subplots(1, 2, figsize=(12, 5.2))
+    many = len(rows) > 4
+    small = 8 if many else 10
+    fig, (ax_sw, ax_speed) = plt.subplots(1, 2, figsize=(max(12, 1.9 * len(rows)), 5.6 if many else 5.2))
 
     spo = [r["figures"]["switches_per_op"] for r in rows]
-    ax_sw.bar(x, [s["median"] for s in spo], color=COLORS[: len(rows)], width=0.6)
+    order = list(dict.fromkeys(r["mode"] for r in rows))
+    colors = [COLORS[order.index(r["mode"]) % len(COLORS)] for r in rows]  # one colour per mode
+    ax_sw.bar(x, [s["median"] for s in spo], color=colors, width=0.6)
+    # Several orders of magnitude apart (ring against direct): a log axis keeps every bar visible.
+    log = min(s["median"] for s in spo) > 0 and max(s["median"] for s in spo) / min(s["median"] for s in spo) > 50
+    if log:
+        ax_sw.set_yscale("log")
     for i, s in enumerate(spo):
         ax_sw.plot([i] * s["n"], s["samples"], "o", color="black", ms=3, alpha=0.6)
-    theory = [base["figures"]["switches_per_op"]["median"] / r["theory_reduction"] for r in rows]
+    theory = [r["baseline"]["switches_per_op"] / r["theory_reduction"] for r in rows]
     ax_sw.hlines(theory, [i - 0.38 for i in x], [i + 0.38 for i in x], colors="black", linestyles="--", lw=1.5,
                  label="theory: direct ÷ ops per hypercall (on paper)")  # fmt: skip
     top = max(s["max"] for s in spo)
     for i, (r, s) in enumerate(zip(rows, spo, strict=True)):
         text = f"{s['median']:.3g}"
-        if r["mode"] != base["mode"]:
+        if r["mode"] != BASELINE:
             text += f"\n{claim(r['tests']['fewer_switches'], r['reduction'], 'fewer')}\n(theory {r['theory_reduction']:.1f}x)"
-        ax_sw.text(i, s["median"] + top * 0.02, text, ha="center", va="bottom", fontsize=10)
-    ax_sw.set_ylim(0, top * 1.35)
+        y = s["median"] * 1.15 if log else s["median"] + top * 0.02
+        ax_sw.text(i, y, text, ha="center", va="bottom", fontsize=small)
+    if log:
+        ax_sw.set_ylim(min(s["min"] for s in spo) / 3, top * 30)
+    else:
+        ax_sw.set_ylim(0, top * 1.35)
     ax_sw.set_title("context switches per op (lower is better)")
-    ax_sw.set_ylabel("switches per op, guest + host, all threads")
+    ax_sw.set_ylabel("switches per op, guest + host, all threads" + (" (log scale)" if log else ""))
     ax_sw.legend(loc="upper right", fontsize=9)
 
     ops = [r["figures"]["ops_per_s"] for r in rows]
-    ax_speed.bar(x, [s["median"] / 1e3 for s in ops], color=COLORS[: len(rows)], width=0.6)
+    ax_speed.bar(x, [s["median"] / 1e3 for s in ops], color=colors, width=0.6)
     for i, s in enumerate(ops):
         ax_speed.plot([i] * s["n"], [v / 1e3 for v in s["samples"]], "o", color="black", ms=3, alpha=0.6)
-    ceiling = [base["figures"]["ops_per_s"]["median"] * r["theory_reduction"] / 1e3 for r in rows]
+    ceiling = [r["baseline"]["ops_per_s"] * r["theory_reduction"] / 1e3 for r in rows]
     ax_speed.hlines(ceiling, [i - 0.38 for i in x], [i + 0.38 for i in x], colors="black", linestyles=":", lw=1.5,
                     label="ceiling if only hypercalls cost time: direct × theory")  # fmt: skip
     top = max(max(s["max"] for s in ops) / 1e3, max(ceiling))
     for i, (r, s) in enumerate(zip(rows, ops, strict=True)):
         text = f"{s['median'] / 1e3:.1f} k"
-        if r["mode"] != base["mode"]:
+        if r["mode"] != BASELINE:
             text += f"\n{claim(r['tests']['faster'], r['speedup'], 'faster')}"
         y = s["max"] / 1e3
         if y <= ceiling[i] < y + top * 0.12:  # keep the label clear of the ceiling's line
             y = ceiling[i]
-        ax_speed.text(i, y + top * 0.02, text, ha="center", va="bottom", fontsize=10)
+        ax_speed.text(i, y + top * 0.02, text, ha="center", va="bottom", fontsize=small)
     ax_speed.set_ylim(0, top * 1.2)
     ax_speed.set_title("ops per second (higher is better)")
     ax_speed.set_ylabel("thousand ops/s")
     ax_speed.legend(loc="upper left", fontsize=9)
 
-    ticks = [f"{m}\n({MODE_NOTES[m]})" if m in MODE_NOTES else m for m in modes]
+    if len(result.get("placements", [])) > 1:  # mode above, placement below
+        ticks = [f"{r['mode']}\n{r['placement']}" for r in rows]
+    else:
+        ticks = [f"{r['label']}\n({MODE_NOTES[r['mode']]})" if r["mode"] in MODE_NOTES else r["label"] for r in rows]
     for ax in (ax_sw, ax_speed):
-        ax.set_xticks(list(x), ticks, fontsize=11)
+        ax.set_xticks(list(x), ticks, fontsize=small + 1)
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(
         f"pvmmu compare: {run['workload']} {run['ops']}, queue {run['queue_bytes']} B, host limit "

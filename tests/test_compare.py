@@ -271,6 +271,8 @@ def test_cli_plot_without_matplotlib_is_a_clear_error_before_any_run(tmp_path):
         (["compare", "--repeat", "0"], "Invalid value for '--repeat'"),
         (["compare", "--plot", "/nonexistent-dir/x.png"], "directory /nonexistent-dir does not exist"),
         (["bench", "--round-trips", "0"], "Invalid value for '--round-trips'"),
+        (["compare", "--placement", "any,middle"], "'middle' is not one of any, same, split"),
+        (["compare", "--modes", "multicall,ring"], "direct is the baseline"),
     ],
 )
 def test_cli_bad_input_is_a_clear_usage_error(args, text):
@@ -323,3 +325,24 @@ def test_cli_compare_terminated_mid_run_tears_down_and_exits_143():
             proc.wait()
     assert proc.returncode == 143
     assert "terminated by SIGTERM; the pair was torn down" in err and "Traceback" not in err
+
+
+def test_compare_sets_placement_beside_batching_each_with_its_own_baseline(tmp_path):
+    r = compare.compare(small(ops=120), repeat=1, warmup=0, modes=("direct", "multicall", "ring"),
+                        placements=("any", "same"))  # fmt: skip
+    assert r["placements"] == ["any", "same"] and r["consistent"]
+    assert [row["label"] for row in r["rows"]] == [
+        "direct any", "multicall any", "ring any", "direct same", "multicall same", "ring same"]  # fmt: skip
+    for row in r["rows"]:
+        assert row["baseline"]["label"] == f"direct {row['placement']}"
+        assert row["theory_reduction"] == pytest.approx(
+            row["figures"]["ops"]["median"] / row["theory"]["hypercalls"] if row["mode"] != "direct" else 1.0
+        )
+    same = [run for run in r["runs"] if run["placement"]["policy"] == "same"]
+    assert len(same) == 3 and all(run["placement"]["observed"]["guests"] == [run["placement"]["observed"]["host"]]
+                                  for run in same)  # fmt: skip
+    text = compare.format_compare(r)
+    assert "multicall same" in text and "same " in r["verdict"][-1] and "of any" in r["verdict"][-1]
+    assert any("doorbells for" in v for v in r["verdict"] if v.startswith("ring"))
+    plot.plot_compare(r, str(tmp_path / "p.png"))
+    assert png_size(tmp_path / "p.png")[0] > 1000
