@@ -190,3 +190,14 @@ def test_the_cli_reports_the_folded_ops():
     ops = next(x for x in out.stdout.splitlines() if x.lstrip().startswith("ops "))
     writes = int(ops.split("write_pte ")[1].split(",")[0])
     assert f"{writes // 2} of {writes} write_pte (50.0%)" in line and "consistent   yes" in out.stdout
+
+
+def test_a_real_pair_records_the_stream_before_coalescing_and_replays_it_either_way(tmp_path):
+    path = str(tmp_path / "t.trace")
+    rec = run_pair(RunConfig(workload="mprotect-clear", ops=150, coalesce=True, mem_mb=16, trace_out=path))
+    assert rec["consistent"] and rec["coalesced"] > 0
+    assert rec["trace"]["run_events"] - rec["op_mix"]["lazy_sections"] * 2 == rec["ops"]["total"]
+    for coalesce in (False, True):
+        again = run_pair(RunConfig(replay=path, workload="mprotect-clear", ops=150, coalesce=coalesce, mem_mb=16))
+        assert again["consistent"] and again["trace"]["matches"]
+        assert again["coalesced"] == (rec["coalesced"] if coalesce else 0)

@@ -213,7 +213,9 @@ def test_too_large_a_host_limit_for_status_is_one_line_and_exit_2():
 
 
 def test_the_options_are_documented():
-    for argv in (["pvmmu", "run"], ["pvmmu", "compare"], ["pvmmu", "sweep"], ["host_proc"], ["guest_proc"]):
+    commands = (["pvmmu", "run"], ["pvmmu", "compare"], ["pvmmu", "sweep"], ["pvmmu", "record"], ["pvmmu", "replay"],
+                ["host_proc"], ["guest_proc"])  # fmt: skip
+    for argv in commands:
         out = subprocess.run([sys.executable, "-m", *argv, "--help"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0
         assert "--status" in out.stdout, argv
