@@ -105,6 +105,18 @@ def _await(word: str, timeout_s: float) -> None:
 @io_thread_option
 @click.option("--phases", is_flag=True, help="Stamp every hypercall and report where its time went.")
 @click.option(
+    "--coalesce",
+    is_flag=True,
+    help="Fold a write_pte to an entry already queued in the same batch (no flush_tlb or release_pt between) "
+    "into that op, instead of queueing another.",
+)
+@click.option(
+    "--status",
+    is_flag=True,
+    help="Expect each op's status in the host's replies (a host started with --status) and name a refused op "
+    "from the reply that refused it.",
+)
+@click.option(
     "--spin-us",
     type=click.FloatRange(0),
     default=50.0,
@@ -136,6 +148,8 @@ def main(
     timeout: float,
     io_thread: str,
     phases: bool,
+    coalesce: bool,
+    status: bool,
     spin_us: float,
     timeline_max: int,
     cpus: str | None,
@@ -171,6 +185,8 @@ def main(
             timeline_max=timeline_max,
             pv_factory=factory,
             spin_us=spin_us,
+            coalesce=coalesce,
+            status=status,
         )
         phase = "setup"
         expect_digest = None

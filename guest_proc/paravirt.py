@@ -19,6 +19,17 @@ The per-vCPU state ``struct kvm_para_state { u8 mmu_queue[Q]; int
 mmu_queue_len; enum paravirt_lazy_mode mode; }`` lives in the vCPU's slot in
 guest memory, exactly laid out; ops that are not deferred are built in the
 slot's "stack" page, as the kernel built them on its stack.
+
+Two options beyond the patch, both off by default:
+
+- ``coalesce``: a write_pte to an entry already queued in the same batch
+  (nothing handed over, no flush_tlb or release_pt since) rewrites that op's
+  ``pte_val`` in place instead of queueing another op. ``ops`` still counts
+  every paravirt call the kernel made; ``coalesced`` counts the ones folded
+  away, and ``shape`` records only what was queued, so the theory prices the
+  hypercalls actually made.
+- ``status_hypercall``: a host that reports each op's status (--status). A
+  refused op is then named, with its error code, from the reply that refused it.
 """
 
 from __future__ import annotations
@@ -36,14 +47,18 @@ from protocol.abi import (
     KVM_MMU_OP_RELEASE_PT,
     KVM_MMU_OP_WRITE_PTE,
     OP_SIZE,
+    PTE_VAL_OFFSET,
     PVMMU_HC_RING_SETUP,
     RELEASE_PT,
     WRITE_PTE,
+    count_ops,
     describe_op,
     errno_name,
     peek_op,
+    refusal_reason,
 )
 from protocol.layout import PAGE_SIZE, PARA_STATE_TAIL, VcpuArea
+from protocol.messages import op_status
 from protocol.ring import ERROR_AT, MAX_RING_BYTES, Ring, RingProducer
 from protocol.theory import SHAPE_ENTER, SHAPE_LEAVE, SHAPE_RELEASE_PT
 from protocol.x86 import ENTRY_BYTES, PTRS_PER_TABLE
@@ -55,6 +70,9 @@ PARAVIRT_LAZY_NONE = 0
 PARAVIRT_LAZY_MMU = 1
 
 Hypercall = Callable[[int, int, int, int], int]
+# A hypercall to a host started with --status: RAX and one status byte per op the host looked at.
+StatusHypercall = Callable[[int, int, int, int], tuple[int, bytes]]
+_U64 = struct.Struct("<Q")
 
 
 def ring_capacity(queue_bytes: int) -> int:
@@ -99,6 +117,8 @@ class KvmParaState:
         mode: str = "multicall",
         ring_port: RingPort | None = None,
         spin_us: float = 50.0,
+        coalesce: bool = False,
+        status_hypercall: StatusHypercall | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -115,6 +135,10 @@ class KvmParaState:
         self.ring: RingProducer | None = None
         self.ring_port = ring_port
         self.spin_s = spin_us / 1e6
+        # --coalesce: the write_ptes of the current batch, pte_phys -> gpa (ring: position) of the queued op.
+        # None when off, so the default path costs one attribute check per op.
+        self.batch_ptes: dict[int, int] | None = {} if coalesce else None
+        self.status_hypercall = status_hypercall
         if mode == "ring":
             self._ring_setup()
         self._store_state()
@@ -128,6 +152,9 @@ class KvmParaState:
         self.flushes = 0  # mmu_queue_flush calls that had something to flush
         self.ring_waits = 0  # ring mode: waits for the host, and how many of them had to sleep
         self.ring_sleeps = 0
+        self.coalesced = 0  # write_ptes folded into one already queued (--coalesce)
+        self.status_replies = 0  # replies that carried per-op statuses, and how many (--status)
+        self.statuses = 0
         # The op stream's shape, a byte per event, whatever the mode: sizes of deferrable
         # ops, release_pt, lazy section boundaries. protocol.theory prices it on paper.
         self.shape = array("b")
@@ -136,6 +163,9 @@ class KvmParaState:
 
     def kvm_mmu_op(self, gpa: int, length: int) -> None:
         """Hand ``length`` bytes of ops at ``gpa`` to the host, calling again until all are done."""
+        if self.status_hypercall is not None:
+            self._kvm_mmu_op_status(gpa, length)
+            return
         while length:
             r = self.hypercall(KVM_HC_MMU_OP, length, gpa & 0xFFFFFFFF, gpa >> 32)
             self.hypercalls += 1
@@ -145,6 +175,8 @@ class KvmParaState:
             length -= r
 
     def mmu_queue_flush(self) -> None:
+        if self.batch_ptes:
+            self.batch_ptes.clear()  # handed over: a later write is a new op
         if self.mmu_queue_len:
             self.flushes += 1
             if self.ring is not None:
@@ -186,22 +218,31 @@ class KvmParaState:
     def kvm_mmu_write(self, dest: int, val: int) -> None:
         """Set the page-table entry at guest-physical ``dest`` (set_pte, set_pmd, pte_clear, ...)."""
         self.ops["write_pte"] += 1
-        self.shape.append(24)
         if val:
             self.intent[dest] = val
         else:
             self.intent.pop(dest, None)
+        if self.batch_ptes is not None:
+            self._coalescing_write(dest, val)
+            return
+        self.shape.append(24)
         self.kvm_deferred_mmu_op(WRITE_PTE, KVM_MMU_OP_WRITE_PTE, 0, dest, val)
 
     def kvm_flush_tlb(self) -> None:
         self.ops["flush_tlb"] += 1
         self.shape.append(8)
+        if self.batch_ptes:
+            self.batch_ptes.clear()  # a write after a flush must reach the host after it
         self.kvm_deferred_mmu_op(FLUSH_TLB, KVM_MMU_OP_FLUSH_TLB, 0)
 
     def kvm_release_pt(self, pt_phys: int) -> None:
         """The page at ``pt_phys`` stops being a page table. Never deferred, as in the patch."""
         self.ops["release_pt"] += 1
         self.shape.append(SHAPE_RELEASE_PT)
+        if self.batch_ptes:
+            # It overtakes the queue (multicall) or publishes it (ring): either way a batch boundary,
+            # in the same place in every mode, so every mode coalesces the same writes.
+            self.batch_ptes.clear()
         page = pt_phys & ~(PAGE_SIZE - 1)
         for gpa in range(page, page + PAGE_SIZE, ENTRY_BYTES):
             self.intent.pop(gpa, None)
@@ -220,6 +261,69 @@ class KvmParaState:
             self._ring_wait(self.ring.tail)
         self.lazy_mode = PARAVIRT_LAZY_NONE
         self._store_state()
+
+    # -- coalescing and per-op status (beyond the patch) ---------------------------
+
+    def _coalescing_write(self, dest: int, val: int) -> None:
+        """kvm_mmu_write with --coalesce: rewrite the queued op for ``dest`` if this batch has one.
+
+        The host sees the entry's last value at the earlier op's place in the
+        batch; nothing between them can tell (no flush_tlb, no release_pt, and the
+        shadow keys entries by address), so the final state is the same.
+        """
+        batch = self.batch_ptes
+        assert batch is not None
+        lazy = self.lazy_mode == PARAVIRT_LAZY_MMU
+        if lazy:
+            at = batch.get(dest)
+            if at is not None:
+                self.coalesced += 1
+                if self.ring is not None:  # not yet published: the host cannot have read it
+                    self.ring.ring.write(at + PTE_VAL_OFFSET, _U64.pack(val))
+                else:
+                    _U64.pack_into(self.mem, at + PTE_VAL_OFFSET, val)
+                return
+        self.shape.append(24)
+        self.kvm_deferred_mmu_op(WRITE_PTE, KVM_MMU_OP_WRITE_PTE, 0, dest, val)
+        if lazy:  # queued (after any flush it caused): remember where
+            batch[dest] = (self.ring.tail if self.ring is not None else self.queue_gpa + self.mmu_queue_len) - 24
+
+    def _kvm_mmu_op_status(self, gpa: int, length: int) -> None:
+        """kvm_mmu_op against a host that reports each op's status: a refusal is named from the reply
+        that carries it, without the second, zero-progress hypercall the plain loop needs."""
+        assert self.status_hypercall is not None
+        start, total = gpa, length
+        while length:
+            r, statuses = self.status_hypercall(KVM_HC_MMU_OP, length, gpa & 0xFFFFFFFF, gpa >> 32)
+            self.hypercalls += 1
+            self.status_replies += 1
+            self.statuses += len(statuses)
+            if statuses and statuses[-1]:
+                raise self._refused(statuses, r, gpa, length, start, total)
+            if r <= 0 or r > length:
+                raise self._no_progress(r, gpa, length)
+            gpa += r
+            length -= r
+
+    def _refused(self, statuses: bytes, r: int, gpa: int, length: int, start: int, total: int) -> HypercallError:
+        code = op_status(statuses[-1])
+        applied = len(statuses) - 1
+        if statuses.count(0) != applied or not 0 <= r < length or count_ops(self.mem, gpa, gpa + r) != applied:
+            return HypercallError(
+                f"KVM_HC_MMU_OP at gpa {gpa:#x}: the host's statuses ({applied} applied, then {code}) "
+                f"disagree with its return value {r}",
+                code,
+                gpa,
+            )
+        at = gpa + r
+        buf = bytes(self.mem[start : start + total])
+        op = peek_op(buf, at - start, total)[0]
+        return HypercallError(
+            f"host refused {describe_op(buf, at - start)} of the {total}-byte buffer at gpa {start:#x}: "
+            f"{errno_name(code)} ({refusal_reason(op, -code)})",
+            code,
+            at,
+        )
 
     # -- ring mode (beyond the patch: protocol.ring) -------------------------------
 
@@ -271,8 +375,11 @@ class KvmParaState:
         ring = self.ring.ring  # type: ignore[union-attr]
         at = ring.words[ERROR_AT]
         blob = ring.read(at, 24)
+        why = refusal_reason(peek_op(blob, 0, len(blob))[0], -ring.error)
         return HypercallError(
-            f"host refused {describe_op(blob, 0)} at ring position {at}: {errno_name(ring.error)}", ring.error, at
+            f"host refused {describe_op(blob, 0)} at ring position {at}: {errno_name(ring.error)} ({why})",
+            ring.error,
+            at,
         )
 
     # -- helpers -----------------------------------------------------------------

@@ -57,8 +57,12 @@ class GuestSession:
         timeline_max: int = 0,
         pv_factory: Callable[..., KvmParaState] = KvmParaState,
         spin_us: float = 50.0,
+        coalesce: bool = False,
+        status: bool = False,
     ) -> None:
         self.vcpu = vcpu
+        self.coalesce = coalesce  # fold rewrites of a queued entry (KvmParaState)
+        self.status = status  # the host reports each op's status; it must have been started with --status
         self.pv_factory = pv_factory  # TracedKvmParaState when recording a trace
         self.spin_us = spin_us  # ring mode: how long a waiting vCPU spins before it sleeps
         self.doorbell = caller_for(endpoint, timeout_s, host_pid, batch_io=batch_io)
@@ -88,8 +92,12 @@ class GuestSession:
         if (area.queue_gpa, area.stack_gpa, area.pool_gpa) != (info["queue_gpa"], info["stack_gpa"], info["pool_gpa"]):
             raise GuestError("host's welcome and guest memory's layout disagree")
         self.layout = layout
+        if self.status and not info.get("op_status"):
+            raise GuestError("the host does not report per-op status: start it with --status too")
         hypercall = self.hypercall_stamped if self.phases else self.hypercall
-        self.pv = self.pv_factory(self.memory.buf, area, hypercall, mode, self, spin_us=self.spin_us)
+        self.pv = self.pv_factory(self.memory.buf, area, hypercall, mode, self, spin_us=self.spin_us,
+                                  coalesce=self.coalesce,
+                                  status_hypercall=self.hypercall_status if self.status else None)  # fmt: skip
         self.kernel = GuestKernel(self.pv, FrameAllocator(area), layout.mem_bytes // PAGE_SIZE)
 
     def _hello(self) -> dict[str, Any]:
@@ -115,6 +123,17 @@ class GuestSession:
 
     def hypercall_stamped(self, nr: int, a0: int, a1: int, a2: int) -> int:
         """The vmcall with the --phases stamps: t0, sent, the host's three, resumed."""
+        return self._exchange(nr, a0, a1, a2).ret
+
+    def hypercall_status(self, nr: int, a0: int, a1: int, a2: int) -> tuple[int, bytes]:
+        """The vmcall to a host started with --status: RAX and one status byte per op it looked at."""
+        reply = self._exchange(nr, a0, a1, a2)
+        if reply.statuses is None:
+            raise self._bad_reply(reply.seq, reply)
+        return reply.ret, reply.statuses
+
+    def _exchange(self, nr: int, a0: int, a1: int, a2: int) -> Return:
+        """A vmcall off the default path (--phases, --status): the whole reply, with the stamps kept if --phases."""
         self.seq = seq = self.seq + 1
         t0 = time.monotonic_ns()
         raw = self.doorbell.call(pack_hypercall(self.vcpu, seq, nr, a0, a1, a2), "hypercall", seq)
@@ -123,10 +142,11 @@ class GuestSession:
         reply = unpack(raw)
         if type(reply) is Complete:
             reply = self._answer(seq)
-        if type(reply) is Return and reply.seq == seq and reply.stamps is not None:
+        if type(reply) is not Return or reply.seq != seq or (self.phases and reply.stamps is None):
+            raise self._bad_reply(seq, reply)
+        if self.phases:
             self.stamps.extend((t0, self.doorbell.sent_ns, *reply.stamps, t_resume))
-            return reply.ret
-        raise self._bad_reply(seq, reply)
+        return reply
 
     def _answer(self, seq: int | None) -> Message:
         """Wait for the answer to a call, skipping ring completions that were already in flight."""
@@ -148,7 +168,7 @@ class GuestSession:
     def _bad_reply(seq: int, reply: object) -> GuestError:
         if isinstance(reply, Reject):
             return GuestError(f"host rejected hypercall {seq}: {reply.reason}")
-        return GuestError(f"host answered hypercall {seq} with {reply!r} (a host without --phases?)")
+        return GuestError(f"host answered hypercall {seq} with {reply!r} (a host without --phases or --status?)")
 
     def start_measuring(self) -> None:
         self.kernel.reset_counters()
@@ -161,16 +181,22 @@ class GuestSession:
         lat = sorted(self.latencies_ns)
         total = pv.ops_total
         limit = self.welcome["host_limit"]
+        # The shape is what was queued: coalesced writes are not in it, but they were lazy-section ops
+        # of the kernel's stream, which is what op_mix describes.
         theory = hypercalls_for_shape(pv.shape, pv.mode, pv.queue_bytes, limit)
+        mix = op_mix(pv.shape)
+        mix["in_lazy"] += pv.coalesced
         return {
             "vcpu": self.vcpu,
             "ops": {**pv.ops, "total": total},
+            "coalesced": pv.coalesced,
             "theory_hypercalls": theory,
             # What batching could do with this stream: the patch's hypercalls for it, on paper.
             "op_mix": {
-                **op_mix(pv.shape),
+                **mix,
                 "multicall_hypercalls": hypercalls_for_shape(pv.shape, "multicall", pv.queue_bytes, limit),
             },
+            "op_status": {"replies": pv.status_replies, "statuses": pv.statuses} if self.status else None,
             "paths": self.kernel.path_counts(),
             "hypercalls": pv.hypercalls,
             "doorbells": self.doorbell.rung,

@@ -146,25 +146,36 @@ class GuestKernel:
         """Clear the present PTEs of [lo, hi) (one page table) in a lazy MMU section."""
         self._lazy_pte_loop(mm, lo, hi, lambda pte: 0)
 
-    def _lazy_pte_loop(self, mm: AddressSpace, lo: int, hi: int, new_pte: Callable[[int], int]) -> None:
-        """Write ``new_pte(pte)`` over each present PTE of [lo, hi), inside one lazy MMU section."""
+    def _lazy_pte_loop(
+        self, mm: AddressSpace, lo: int, hi: int, new_pte: Callable[[int], int], clear_first: bool = False
+    ) -> None:
+        """Write ``new_pte(pte)`` over each present PTE of [lo, hi), inside one lazy MMU section;
+        with ``clear_first``, clear each one just before (ptep_get_and_clear)."""
         ptes = list(mm.present_ptes(lo, hi))
         if not ptes:
             return
         pv = self.pv
         pv.kvm_enter_lazy_mmu()
-        for _, gpa, pte in ptes:
-            pv.kvm_mmu_write(gpa, new_pte(pte))
+        if clear_first:
+            for _, gpa, pte in ptes:
+                pv.kvm_mmu_write(gpa, 0)
+                pv.kvm_mmu_write(gpa, new_pte(pte))
+        else:
+            for _, gpa, pte in ptes:
+                pv.kvm_mmu_write(gpa, new_pte(pte))
         pv.kvm_leave_lazy_mmu()
 
     @kernel_path
-    def sys_mprotect(self, mm: AddressSpace, start: int, end: int, write: bool, exec: bool) -> None:
+    def sys_mprotect(
+        self, mm: AddressSpace, start: int, end: int, write: bool, exec: bool, get_and_clear: bool = False
+    ) -> None:
         """mprotect(start, end - start): mprotect_fixup (split, new flags) and change_protection per VMA.
 
         change_protection rewrites every present PTE, page table by page table
         in lazy MMU mode, then flush_tlb_range (a flush_tlb here) for the VMA. A
         VMA that already has the protection is left alone, as mprotect_fixup does.
-        Split VMAs are not merged back (no vma_merge).
+        Split VMAs are not merged back (no vma_merge). ``get_and_clear``: clear
+        each PTE before setting it, as 2.6.25 did (``change_pte_range``).
         """
         for vma in mm.vmas_in(start, end):
             if (vma.write, vma.exec) == (write, exec) or not vma.accessible:
@@ -172,12 +183,18 @@ class GuestKernel:
             vma.write, vma.exec = write, exec
             newprot = vma.vm_page_prot()
             for lo, hi in mm.leaf_chunks(vma):
-                self.change_pte_range(mm, lo, hi, newprot)
+                self.change_pte_range(mm, lo, hi, newprot, get_and_clear)
             self.pv.kvm_flush_tlb()  # flush_tlb_range
 
-    def change_pte_range(self, mm: AddressSpace, lo: int, hi: int, newprot: int) -> None:
-        """Give the present PTEs of [lo, hi) (one page table) ``newprot``, in a lazy MMU section."""
-        self._lazy_pte_loop(mm, lo, hi, lambda pte: pte_modify(pte, newprot))
+    def change_pte_range(self, mm: AddressSpace, lo: int, hi: int, newprot: int, get_and_clear: bool = False) -> None:
+        """Give the present PTEs of [lo, hi) (one page table) ``newprot``, in a lazy MMU section.
+
+        With ``get_and_clear``, as Linux 2.6.25 wrote it: ``ptent =
+        ptep_get_and_clear(mm, addr, pte)`` (a write_pte of 0, "to avoid an SMP race
+        with hardware updated dirty/clean bits"), then ``set_pte_at(..., pte_modify(ptent,
+        newprot))``: two writes to each entry in the same lazy section.
+        """
+        self._lazy_pte_loop(mm, lo, hi, lambda pte: pte_modify(pte, newprot), get_and_clear)
 
     @kernel_path
     def handle_mm_fault(self, mm: AddressSpace, va: int, write: bool) -> None:
@@ -351,14 +368,30 @@ class Mprotect(_ProcessWorkload):
     """
 
     name = "mprotect"
+    get_and_clear = False
 
     def run(self) -> None:
         k, mm = self.kernel, self.mm
         targets = [(v.start, v.end, v.exec) for v in mm.vmas if v.write and v.resident]
         for start, end, exe in targets:
-            k.sys_mprotect(mm, start, end, write=False, exec=exe)
+            k.sys_mprotect(mm, start, end, write=False, exec=exe, get_and_clear=self.get_and_clear)
         for start, end, exe in targets:
-            k.sys_mprotect(mm, start, end, write=True, exec=exe)
+            k.sys_mprotect(mm, start, end, write=True, exec=exe, get_and_clear=self.get_and_clear)
+
+
+class MprotectClear(Mprotect):
+    """``mprotect`` as Linux 2.6.25's ``change_pte_range`` did it: each present PTE is first cleared
+    (``ptep_get_and_clear``) and then set with the new protection, both inside one lazy MMU section.
+
+    Two write_pte per PTE, the first overwritten by the second before the queue
+    is flushed: the case op coalescing (--coalesce) is for. Later in 2008 Linux
+    replaced the pair with ``ptep_modify_prot_start``/``commit`` (Xen's side: commit
+    e57778a1, "each mprotect pte update turns from two expensive trap-and-emulate
+    faults into a single hypercall"). The final page tables are those of ``mprotect``.
+    """
+
+    name = "mprotect-clear"
+    get_and_clear = True
 
 
 class Munmap(_ProcessWorkload):
@@ -525,7 +558,7 @@ class Mixed(_ProcessWorkload):
 
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {
-    w.name: w for w in (Writes, Fork, Exit, Mprotect, Munmap, Faults, Mixed)
+    w.name: w for w in (Writes, Fork, Exit, Mprotect, MprotectClear, Munmap, Faults, Mixed)
 }
 # Workloads that start from a process's address space (--from-maps / --from-pid apply).
 PROCESS_WORKLOADS = tuple(name for name, w in WORKLOADS.items() if getattr(w, "takes_address_space", False))

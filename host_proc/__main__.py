@@ -25,6 +25,7 @@ from host_proc.kvm import Kvm
 from host_proc.shell import HostShell
 from protocol.abi import KVM_PV_MMU_OP_BUFFER
 from protocol.layout import MAX_VCPUS, Layout, LayoutError
+from protocol.messages import MAX_STATUS_HOST_LIMIT, status_limit_error
 from pvmmu.doorbell import host_for
 from pvmmu.liveness import (
     PARENT_DEATH_SIGNAL,
@@ -59,6 +60,12 @@ _TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 @io_thread_option
 @click.option("--phases", is_flag=True, help="Stamp every hypercall (received, applied, answered) in its reply.")
 @click.option(
+    "--status",
+    is_flag=True,
+    help="Report each op's status in the reply to KVM_HC_MMU_OP (0 applied, -KVM_E* refused), "
+    f"as the patch's v1 did; needs --host-limit {MAX_STATUS_HOST_LIMIT} or less.",
+)
+@click.option(
     "--poll-us",
     type=click.FloatRange(0),
     default=50.0,
@@ -81,6 +88,7 @@ def main(
     host_limit: int,
     io_thread: str,
     phases: bool,
+    status: bool,
     poll_us: float,
     cpus: str | None,
     parent_pid: int | None,
@@ -95,6 +103,8 @@ def main(
     signum = None
     try:
         die_with_parent(parent_pid)  # inside the try: a supervisor already gone still gets the cleanup below
+        if status and host_limit > MAX_STATUS_HOST_LIMIT:
+            raise ValueError(status_limit_error(host_limit))
         token = sys.stdin.readline().strip() if token_stdin else None
         layout = Layout(mem_mb << 20, vcpus)
         memory = GuestMemory.create(layout.mem_bytes)
@@ -113,6 +123,7 @@ def main(
                 parent=PidWatch(parent_pid) if parent_pid else None,
                 phases=phases,
                 poll_us=poll_us,
+                status=status,
             )
             _emit(
                 {

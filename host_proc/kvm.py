@@ -23,6 +23,8 @@ Where pvmmu differs, deliberately:
 - A write_pte must target an 8-byte aligned entry inside guest memory (KVM's
   emulator_write_phys would have faulted outside memory and split an unaligned
   write); release_pt of a page outside memory is refused.
+- On request (a host started with --status) the hypercall also reports one
+  status per op it looked at, as the patch's v1 did: 0 applied, -KVM_E* refused.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ from protocol.abi import (
     KVM_MMU_OP_FLUSH_TLB,
     KVM_MMU_OP_WRITE_PTE,
     KVM_PV_MMU_OP_BUFFER,
+    OP_REFUSALS,
     OP_SIZE,
     PVMMU_HC_RING_SETUP,
     RELEASE_PT,
+    UNKNOWN_OP,
     WRITE_PTE,
     peek_op,
 )
@@ -57,10 +61,8 @@ _U64 = struct.Struct("<Q")
 REFUSAL_CODES = {
     "unknown hypercall": KVM_ENOSYS,
     "buffer outside guest memory": KVM_EFAULT,
-    "unknown op code": KVM_EOPNOTSUPP,
-    "misaligned pte_phys": KVM_EINVAL,
-    "pte_phys outside guest memory": KVM_EFAULT,
-    "pt_phys outside guest memory": KVM_EFAULT,
+    UNKNOWN_OP: KVM_EOPNOTSUPP,
+    **{reason: code for (_, code), reason in OP_REFUSALS.items()},  # an op's own refusals
     "ring outside the vCPU's slot": KVM_EINVAL,
     "ring that does not fit": KVM_EINVAL,
 }
@@ -114,24 +116,36 @@ class Kvm:
 
     # -- the hypercall path --------------------------------------------------------
 
-    def kvm_emulate_hypercall(self, vcpu: int, nr: int, a0: int, a1: int, a2: int) -> int:
-        """The VM exit: dispatch on the hypercall number, return what goes in RAX."""
+    def kvm_emulate_hypercall(
+        self, vcpu: int, nr: int, a0: int, a1: int, a2: int, statuses: bytearray | None = None
+    ) -> int:
+        """The VM exit: dispatch on the hypercall number, return what goes in RAX.
+
+        ``statuses`` (--status) gets one status byte per op a KVM_HC_MMU_OP looked at.
+        """
         c = self._counters(vcpu)
         c.hypercalls += 1
         if nr == KVM_HC_MMU_OP:
-            return self.kvm_pv_mmu_op(vcpu, a0, hc_gpa(a1, a2))
+            return self.kvm_pv_mmu_op(vcpu, a0, hc_gpa(a1, a2), statuses)
         if nr == PVMMU_HC_RING_SETUP:
             return self.kvm_pv_ring_setup(vcpu, a0, hc_gpa(a1, a2))
         return self._refuse(c, "unknown hypercall", f"hypercall nr {nr}")
 
-    def kvm_pv_mmu_op(self, vcpu: int, nbytes: int, gpa: int) -> int:
-        """Apply up to ``host_limit`` bytes of the op buffer at ``gpa``; return bytes processed."""
+    def kvm_pv_mmu_op(self, vcpu: int, nbytes: int, gpa: int, statuses: bytearray | None = None) -> int:
+        """Apply up to ``host_limit`` bytes of the op buffer at ``gpa``; return bytes processed.
+
+        With ``statuses``, append one signed byte per op looked at: 0 for each op
+        applied, then -KVM_E* for the op refused, if one was. Worked out from the
+        counters around the walk, so the walk itself is the same with or without.
+        """
         c = self._counters(vcpu)
         n = min(nbytes, self.host_limit)
         if gpa + n > self.mem_bytes:
             return self._refuse(c, "buffer outside guest memory", f"{n} bytes at gpa {gpa:#x}")
         buf = self.kvm_read_guest(gpa, n)
-        processed = 0
+        if statuses is not None:
+            before = c.write_pte + c.flush_tlb + c.release_pt
+        processed = r = 0
         while processed < n:
             r = self.kvm_pv_mmu_op_one(vcpu, c, buf, processed, n)
             if r <= 0:
@@ -140,6 +154,10 @@ class Kvm:
         if n < nbytes:
             c.partial += 1  # the guest offered more than the host copies: it calls again
         c.bytes += processed
+        if statuses is not None:
+            statuses += bytes(c.write_pte + c.flush_tlb + c.release_pt - before)
+            if r < 0:
+                statuses.append(r & 0xFF)
         return processed
 
     def kvm_read_guest(self, gpa: int, n: int) -> bytes:

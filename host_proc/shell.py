@@ -45,6 +45,7 @@ from protocol.messages import (
     pack_reject,
     pack_return,
     pack_return_stamped,
+    pack_return_status,
     pack_welcome,
     unpack,
 )
@@ -80,6 +81,7 @@ class HostShell:
         phases: bool = False,
         poll_us: float = 50.0,
         log: TextIO = sys.stderr,
+        status: bool = False,
     ) -> None:
         self.kvm = kvm
         self.doorbell = doorbell
@@ -90,6 +92,7 @@ class HostShell:
         self.token = token
         self.parent = parent
         self.phases = phases  # stamp every hypercall's receipt, completion and reply
+        self.status = status  # report each op's status in the reply (--status)
         self.log = log
         self.vcpus: dict[int, VcpuPeer] = {}
         self.rejected: dict[str, int] = {}
@@ -208,6 +211,9 @@ class HostShell:
                 self._reject(envelope, msg.seq, REJECT_SEQUENCE, f"vCPU {msg.vcpu}: {msg.seq} after {peer.seq}")
                 return
             peer.seq = msg.seq
+            if self.status:
+                self._hypercall_status(envelope, msg, t_recv)
+                return
             ret = self.kvm.kvm_emulate_hypercall(msg.vcpu, msg.nr, msg.a0, msg.a1, msg.a2)
             if self.phases:
                 t_applied = time.monotonic_ns()
@@ -236,6 +242,13 @@ class HostShell:
             self._reject(envelope, None, REJECT_NOT_REQUEST, kind.__name__)
 
     # -- messages ------------------------------------------------------------------
+
+    def _hypercall_status(self, envelope: list[bytes], msg: Hypercall, t_recv: int) -> None:
+        """A hypercall served with --status: the reply also carries each op's status (and stamps, with --phases)."""
+        statuses = bytearray()
+        ret = self.kvm.kvm_emulate_hypercall(msg.vcpu, msg.nr, msg.a0, msg.a1, msg.a2, statuses)
+        stamps = (t_recv, time.monotonic_ns(), time.monotonic_ns()) if self.phases else None
+        self.doorbell.send(envelope, pack_return_status(msg.seq, ret, bytes(statuses), stamps))
 
     def _hello(self, envelope: list[bytes], identity: bytes, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
@@ -277,6 +290,7 @@ class HostShell:
                     "pool_bytes": area.pool_bytes,
                     "host_limit": self.kvm.host_limit,
                     "host_pid": self.host_pid,
+                    "op_status": self.status,
                 }
             ),
         )

@@ -51,6 +51,8 @@ WRITE_PTE = struct.Struct("<IIQQ")
 FLUSH_TLB = struct.Struct("<II")
 RELEASE_PT = struct.Struct("<IIQ")
 
+PTE_VAL_OFFSET = 16  # where pte_val sits in a write_pte (coalescing rewrites it in place)
+
 OP_SIZE = {
     KVM_MMU_OP_WRITE_PTE: WRITE_PTE.size,  # 24
     KVM_MMU_OP_FLUSH_TLB: FLUSH_TLB.size,  # 8
@@ -69,6 +71,26 @@ ERRNO_NAME = {
     KVM_EPERM: "KVM_EPERM",
     KVM_EOPNOTSUPP: "KVM_EOPNOTSUPP",
 }
+
+
+# Why the host refuses an op it looked at, by (op code, KVM_E* code): the reasons it counts
+# (control "stats": "refused") and the ones a guest names when the host reports per-op status.
+OP_REFUSALS = {
+    (KVM_MMU_OP_WRITE_PTE, KVM_EINVAL): "misaligned pte_phys",
+    (KVM_MMU_OP_WRITE_PTE, KVM_EFAULT): "pte_phys outside guest memory",
+    (KVM_MMU_OP_RELEASE_PT, KVM_EFAULT): "pt_phys outside guest memory",
+}
+UNKNOWN_OP = "unknown op code"  # KVM_EOPNOTSUPP, whatever the op code
+TOO_BIG = "op longer than the host copies at once"  # KVM_E2BIG (ring mode)
+
+
+def refusal_reason(op: int | None, code: int) -> str:
+    """Why the host refused op ``op`` with ``-code``, in the host's own words ("misaligned pte_phys")."""
+    if code == KVM_EOPNOTSUPP:
+        return UNKNOWN_OP
+    if code == KVM_E2BIG:
+        return TOO_BIG
+    return OP_REFUSALS.get((op, code), "refused")  # type: ignore[arg-type]
 
 
 class ProtocolError(ValueError):
@@ -155,6 +177,18 @@ def peek_op(buf: bytes | memoryview, offset: int, end: int) -> tuple[int | None,
     if size == 0 or end - offset < size:
         return code, 0
     return code, size
+
+
+def count_ops(buf: bytes | memoryview, offset: int, end: int) -> int:
+    """How many whole ops lie in ``buf[offset:end]`` (the bytes a host applied)."""
+    n = 0
+    while offset < end:
+        size = peek_op(buf, offset, end)[1]
+        if size == 0:
+            break
+        offset += size
+        n += 1
+    return n
 
 
 def iter_ops(buf: bytes | memoryview) -> Iterator[tuple[int, Op]]:

@@ -11,6 +11,8 @@ talks request/reply: it sends one message and blocks until the host answers::
                     [RETURN, seq, ret, t_recv, t_applied, t_reply]  (host started with --phases:
                                                  CLOCK_MONOTONIC ns when it got the message,
                                                  finished applying it, sent the answer)
+                    [RETURN, seq, ret, statuses]                (host started with --status)
+                    [RETURN, seq, ret, t_recv, t_applied, t_reply, statuses]   (both)
     guest -> host   [BYE, vcpu]                                 (vCPU goes away)
     host -> guest   [RETURN, 0, 0]
     host -> any     [REJECT, seq or nil, reason]                (malformed message)
@@ -23,6 +25,11 @@ and be called.
 
 For ``KVM_HC_MMU_OP`` the registers are ``a0 = len``, ``a1 = gpa & 0xffffffff``,
 ``a2 = gpa >> 32``; ``ret`` is the bytes the host processed or ``-KVM_E*``.
+``statuses`` (msgpack bin, with --status) holds one signed byte per op the host
+looked at, in order: 0 for each op applied, then ``-KVM_E*`` for the op it refused,
+if it refused one (the patch's v1 reported each op's error code; the merged version
+only the bytes processed). A walk stops at its first refusal, so only the last byte
+can be nonzero; an op cut off at the end of the host's copy gets no status.
 ``seq`` counts a vCPU's hypercalls from 1, so the host can tell a lost or replayed
 message from a new one.
 
@@ -54,6 +61,16 @@ MSG_COMPLETE = 10
 
 # Nothing legitimate comes close; the host's socket refuses anything larger.
 MAX_MESSAGE_BYTES = 4096
+# A RETURN's statuses: one byte per op looked at, and an op is at least 8 bytes, so a host
+# copying at most MAX_STATUS_HOST_LIMIT bytes per hypercall always fits its reply in a message.
+MAX_STATUSES = 2048
+MAX_STATUS_HOST_LIMIT = 8 * MAX_STATUSES
+
+
+def status_limit_error(host_limit: int) -> str:
+    return (f"--status sends one status byte per op, at most {MAX_STATUSES} in a reply: "
+            f"a host limit of {host_limit} bytes needs {MAX_STATUS_HOST_LIMIT} or less")  # fmt: skip
+
 
 # A REJECT's reason starts with one of these fixed categories (then ": detail");
 # the host counts refused messages per category (control "stats": "rejected").
@@ -115,6 +132,7 @@ class Return(NamedTuple):
     seq: int
     ret: int
     stamps: tuple[int, int, int] | None = None  # host's (t_recv, t_applied, t_reply), with --phases
+    statuses: bytes | None = None  # one signed byte per op the host looked at, with --status
 
 
 class Bye(NamedTuple):
@@ -171,6 +189,18 @@ def pack_return_stamped(seq: int, ret: int, t_recv: int, t_applied: int, t_reply
     return _pack([MSG_RETURN, seq, ret, t_recv, t_applied, t_reply])
 
 
+def pack_return_status(seq: int, ret: int, statuses: bytes, stamps: tuple[int, int, int] | None = None) -> bytes:
+    """A RETURN from a host started with --status (and --phases, if ``stamps``)."""
+    if stamps is None:
+        return _pack([MSG_RETURN, seq, ret, statuses])
+    return _pack([MSG_RETURN, seq, ret, *stamps, statuses])
+
+
+def op_status(byte: int) -> int:
+    """One byte of a RETURN's statuses as the signed status it encodes: 0, or -KVM_E*."""
+    return byte - 256 if byte > 127 else byte
+
+
 def pack_bye(vcpu: int) -> bytes:
     return _pack([MSG_BYE, vcpu])
 
@@ -223,6 +253,12 @@ def _map(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+def _statuses(value: Any) -> bytes:
+    if type(value) is not bytes or len(value) > MAX_STATUSES:
+        raise MessageError(f"statuses must be a bin of at most {MAX_STATUSES} bytes, not {_show(value)}")
+    return value
+
+
 def _arity(msg: list, n: int, name: str) -> None:
     if len(msg) != n:
         raise MessageError(f"{name} message has {len(msg)} elements, expected {n}")
@@ -259,11 +295,14 @@ def unpack(data: bytes) -> Message:
             _int(msg[6], "a2"),
         )
     if kind == MSG_RETURN and type(kind) is int:
-        if len(msg) == 6:
+        n = len(msg)
+        if n not in (3, 4, 6, 7):
+            raise MessageError(f"return message has {n} elements, expected 3, 4 (--status), 6 (--phases) or 7")
+        stamps = None
+        if n >= 6:
             stamps = (_int(msg[3], "t_recv"), _int(msg[4], "t_applied"), _int(msg[5], "t_reply"))
-            return Return(_int(msg[1], "seq"), _int(msg[2], "ret", _I64_MIN, _U64_MAX), stamps)
-        _arity(msg, 3, "return")
-        return Return(_int(msg[1], "seq"), _int(msg[2], "ret", _I64_MIN, _U64_MAX))
+        statuses = _statuses(msg[-1]) if n in (4, 7) else None
+        return Return(_int(msg[1], "seq"), _int(msg[2], "ret", _I64_MIN, _U64_MAX), stamps, statuses)
     if kind == MSG_HELLO and type(kind) is int:
         _arity(msg, 4, "hello")
         return Hello(_int(msg[1], "version"), _int(msg[2], "vcpu", 0, 1 << 31), _int(msg[3], "pid"))

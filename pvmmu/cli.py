@@ -20,6 +20,7 @@ from guest_proc.paravirt import MODES
 from guest_proc.workloads import WORKLOADS
 from protocol.abi import KVM_PV_MMU_OP_BUFFER, MMU_QUEUE_SIZE
 from protocol.layout import MAX_QUEUE_BYTES, MAX_VCPUS
+from protocol.messages import MAX_STATUS_HOST_LIMIT
 from pvmmu import __version__
 from pvmmu.liveness import Terminated, install_signal_handlers
 from pvmmu.options import io_thread_option
@@ -63,6 +64,14 @@ def run_options(f: Any) -> Any:
                      help="Ring mode: a guest waiting for the host spins this long, then sleeps on a completion."),
         click.option("--phases", is_flag=True,
                      help="Stamp every hypercall at six points and report where its time goes."),
+        click.option("--coalesce", is_flag=True,
+                     help="Guest folds a write_pte to an entry already queued in the same batch (no flush_tlb or "
+                          "release_pt between) into that op, so only the entry's last value is sent; the report "
+                          "counts the ops saved, the final state is the same."),
+        click.option("--status", is_flag=True,
+                     help="Host reports each op's status in its reply to KVM_HC_MMU_OP (0 applied, -KVM_E* "
+                          "refused), as the patch's v1 did, so a refused op is named from the first reply; "
+                          f"needs --host-limit {MAX_STATUS_HOST_LIMIT} or less; no effect in ring mode."),
         click.option("--doorbell", type=click.Choice(["zmq", "pipe"]), default="zmq", show_default=True,
                      help="zmq: ZeroMQ REQ/ROUTER over ipc:// (the design's doorbell); pipe: a pair of OS pipes per "
                           "vCPU, no helper thread, to see what ZeroMQ's machinery costs."),

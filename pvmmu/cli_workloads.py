@@ -70,7 +70,7 @@ def record(output: str, as_json: bool, **kwargs: Any) -> None:
 @main.command()
 @click.argument("trace_file", type=click.Path(dir_okay=False))
 @click.option("--mode", type=click.Choice(MODES), default="multicall", show_default=True, help=MODE_HELP)
-@some_run_options("queue_bytes", "host_limit", "io_thread", "timeout")
+@some_run_options("queue_bytes", "host_limit", "io_thread", "timeout", "coalesce", "status")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as one JSON object.")
 def replay(trace_file: str, as_json: bool, **kwargs: Any) -> None:
     """Play a recorded trace through a real guest/host pair in --mode.

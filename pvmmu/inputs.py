@@ -19,6 +19,7 @@ from typing import Any
 from guest_proc.procmaps import MapsError, parse_maps
 from guest_proc.trace import load_trace
 from guest_proc.workloads import PROCESS_WORKLOADS
+from protocol.messages import MAX_STATUS_HOST_LIMIT, status_limit_error
 from protocol.trace import Trace, TraceError
 from pvmmu.maps import capture_pid, read_maps_file, resolve
 from pvmmu.supervisor import RunConfig, RunError
@@ -50,6 +51,8 @@ def prepare_inputs(cfg: RunConfig, rundir: str) -> RunInputs:
     if (cfg.from_maps is not None or cfg.from_pid is not None) and cfg.workload not in PROCESS_WORKLOADS:
         raise BadInput(f"--from-maps/--from-pid apply to {', '.join(PROCESS_WORKLOADS)}; "
                        f"{cfg.workload} does not start from a process")  # fmt: skip
+    if cfg.status and cfg.host_limit > MAX_STATUS_HOST_LIMIT:
+        raise BadInput(status_limit_error(cfg.host_limit))
     if (cfg.trace_out or cfg.replay) and cfg.vcpus != 1:
         raise BadInput("a trace is one vCPU's op stream: record and replay with --vcpus 1")
     inputs = RunInputs()

@@ -48,6 +48,7 @@ def format_run(r: dict[str, Any]) -> str:
         f"               host  {cs['host']['total']} ({_threads(cs['host'])})",
         f"               total {cs['total']}, {cs['per_op']:.3f} per op",
     ]
+    lines += option_lines(r)
     lines += workload_lines(r)
     cpu = r.get("cpu_s")
     if cpu:
@@ -88,6 +89,24 @@ def format_run(r: dict[str, Any]) -> str:
         lines.append("  consistent   NO")
         lines += [f"    - {p}" for p in r["problems"]]
     return "\n".join(lines)
+
+
+def option_lines(r: dict[str, Any]) -> list[str]:
+    """What --coalesce and --status did in this run (nothing when they were off)."""
+    out = []
+    if r.get("coalesce"):
+        writes, folded = r["ops"]["write_pte"], r["coalesced"]
+        share = f" ({100 * folded / writes:.1f}%)" if writes else ""
+        out.append(f"  coalesced    {folded} of {writes} write_pte{share} rewrote an entry already queued in the same "
+                   f"batch; the host applied {r['ops']['total'] - folded} ops")  # fmt: skip
+    st = r.get("op_status")
+    if st is not None and r["mode"] == "ring":
+        out.append("  op status    on, but ring mode makes no KVM_HC_MMU_OP: the ring's error words already name "
+                   "a refused op and its code")  # fmt: skip
+    elif st is not None:
+        each = st["statuses"] / st["replies"] if st["replies"] else 0.0
+        out.append(f"  op status    {st['statuses']} per-op statuses in {st['replies']} replies ({each:.1f} each)")
+    return out
 
 
 def workload_lines(r: dict[str, Any]) -> list[str]:

@@ -39,6 +39,9 @@ from pvmmu.rundir import make_run_dir, runtime_dir, sweep_stale_run_dirs  # noqa
 from pvmmu.shm import sweep_stale, unlink_segment
 
 RECORD_VERSION = 1
+# The run's parameters a record repeats (the rest of RunConfig says how it was driven).
+RECORDED_CONFIG = ("mode", "workload", "vcpus", "queue_bytes", "host_limit", "seed", "io_thread", "doorbell",
+                   "placement", "coalesce", "status")  # fmt: skip
 _DURING = re.compile(r"during (.*)$")
 
 EXIT_INCONSISTENT = 1
@@ -67,6 +70,8 @@ class RunConfig:
     poll_us: float = 50.0  # ring mode: the host polls this long after its last work
     spin_us: float = 50.0  # ring mode: a waiting guest spins this long before it sleeps
     phases: bool = False  # stamp every hypercall and break its time down
+    coalesce: bool = False  # the guest folds a rewrite of an entry queued in the same batch into that op
+    status: bool = False  # the host reports each op's status in its reply to KVM_HC_MMU_OP
     timeline: str | None = None  # write a Chrome trace-event file of the first hypercalls here
     timeline_max: int = 10_000
     timeout: float = 10.0  # any single reply or handshake
@@ -427,6 +432,7 @@ def hosted(
                 "--run-dir", rundir,
                 "--token-stdin",
                 *(["--phases"] if cfg.phases or cfg.timeline is not None else []),
+                *(["--status"] if cfg.status else []),
                 *(["--cpus", _cpu_list(host_cpus)] if host_cpus else []),
             ],
             rundir,
@@ -487,6 +493,8 @@ def run_pair(cfg: RunConfig, on_spawn: Callable[[Child], None] | None = None) ->
                     "--parent-pid", str(os.getpid()),
                     "--barrier",
                     *(["--phases"] if phases_on else []),
+                    *(["--coalesce"] if cfg.coalesce else []),
+                    *(["--status"] if cfg.status else []),
                     *(["--timeline-max", str(cfg.timeline_max)] if cfg.timeline else []),
                     *(["--cpus", _cpu_list(guest_cpus[v])] if guest_cpus[v] else []),
                     *inputs.guest_argv,
@@ -574,6 +582,9 @@ def build_record(
 ) -> dict[str, Any]:
     """The run record: what ``pvmmu run --json`` prints."""
     ops = {k: sum(d["ops"][k] for d in done) for k in ("write_pte", "flush_tlb", "release_pt", "total")}
+    coalesced = sum(d["coalesced"] for d in done)
+    # what reached the host: the kernel's ops less the write_ptes folded into one already queued
+    applied = {**ops, "write_pte": ops["write_pte"] - coalesced, "total": ops["total"] - coalesced}
     hypercalls = sum(d["hypercalls"] for d in done)
     wall = max(d["wall_s"] for d in done)
     switches = {"guest": ctxsw.combine(guest_switches), "host": host_switches}
@@ -599,16 +610,18 @@ def build_record(
                             f"the recording left {c['expect_digest'][:12]}")  # fmt: skip
         # in ring mode ops arrive through the ring: the host sees no hypercall in the measured part
         expect_hc = 0 if cfg.mode == "ring" else d["hypercalls"]
-        if (host_v["hypercalls"], host_v["ops"]["total"]) != (expect_hc, d["ops"]["total"]):
+        if (host_v["hypercalls"], host_v["ops"]["total"]) != (expect_hc, d["ops"]["total"] - d["coalesced"]):
+            folded = f" ({d['coalesced']} of them coalesced)" if d["coalesced"] else ""
             problems.append(
                 f"vCPU {v}: host served {host_v['hypercalls']} hypercalls / {host_v['ops']['total']} ops, "
-                f"the guest issued {d['hypercalls']} / {d['ops']['total']}"
+                f"the guest issued {d['hypercalls']} / {d['ops']['total']}{folded}"
             )
         per_vcpu.append(
             {
                 "vcpu": v,
                 "pid": pid,
                 "ops": d["ops"],
+                "coalesced": d["coalesced"],
                 "hypercalls": d["hypercalls"],
                 "theory_hypercalls": d["theory_hypercalls"],
                 "doorbells": d["doorbells"],
@@ -621,10 +634,11 @@ def build_record(
                 "entries": c["entries"],
             }
         )
-    if host_ops != ops or host_stats["totals"]["hypercalls"] != (0 if cfg.mode == "ring" else hypercalls):
+    if host_ops != applied or host_stats["totals"]["hypercalls"] != (0 if cfg.mode == "ring" else hypercalls):
+        folded = f" ({coalesced} of them coalesced)" if coalesced else ""
         problems.append(
             f"host applied {host_ops['total']} ops in {host_stats['totals']['hypercalls']} hypercalls, "
-            f"guests issued {ops['total']} in {hypercalls}"
+            f"guests issued {ops['total']}{folded} in {hypercalls}"
         )
     theory_hcs = sum(d["theory_hypercalls"] for d in done)
     theory = {"hypercalls": theory_hcs, "ops_per_hypercall": ops["total"] / theory_hcs if theory_hcs else 0.0}
@@ -637,14 +651,11 @@ def build_record(
         latency = {"p50": histogram_percentile_us(hist, 50), "p99": histogram_percentile_us(hist, 99)}
     return {
         "version": RECORD_VERSION,
-        **{
-            k: v
-            for k, v in asdict(cfg).items()
-            if k
-            in ("mode", "workload", "vcpus", "queue_bytes", "host_limit", "seed", "io_thread", "doorbell", "placement")
-        },
+        **{k: v for k, v in asdict(cfg).items() if k in RECORDED_CONFIG},
         "size": cfg.ops,
         "ops": ops,
+        "coalesced": coalesced,
+        "op_status": _op_status(done) if cfg.status else None,
         "hypercalls": hypercalls,
         "doorbells": sum(d["doorbells"] for d in done),
         "ops_per_hypercall": ops["total"] / hypercalls if hypercalls else 0.0,
@@ -675,6 +686,11 @@ def build_record(
         "fairness": fairness(per_vcpu),
         "digest": "+".join(c["digest"] for c in checks),
     }
+
+
+def _op_status(done: list[dict[str, Any]]) -> dict[str, int]:
+    """--status: the replies that carried per-op statuses (none in ring mode, which makes no KVM_HC_MMU_OP)."""
+    return {k: sum(d["op_status"][k] for d in done) for k in ("replies", "statuses")}
 
 
 STARVED_SHARE = 0.1  # a vCPU below a tenth of the fastest one's ops/s is starving

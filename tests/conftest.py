@@ -12,56 +12,9 @@ import time
 import psutil
 import pytest
 
-from guest_proc.pagetable import FrameAllocator
-from guest_proc.paravirt import KvmParaState
-from guest_proc.workloads import GuestKernel
-from host_proc.kvm import Kvm
-from protocol.layout import PAGE_SIZE, Layout
+from pvmmu.inprocess import InProcessPair
 from pvmmu.shm import list_segments
 from pvmmu.supervisor import RunConfig, RunError, run_pair
-
-
-class InlineHost:
-    """Ring mode in one process: when the guest sleeps, the host drains its ring right there."""
-
-    def __init__(self, kvm: Kvm, vcpu: int) -> None:
-        self.kvm, self.vcpu = kvm, vcpu
-        self.kicks = self.sleeps = 0
-
-    def kick(self) -> None:
-        self.kicks += 1
-
-    def sleep(self) -> None:
-        self.sleeps += 1
-        while self.kvm.kvm_pv_ring_drain(self.vcpu):
-            pass
-
-
-class InProcessPair:
-    """Guest core wired straight to host core: the h11 way, no sockets, microseconds."""
-
-    def __init__(self, mode: str = "multicall", queue_bytes: int = 1024, host_limit: int = 512,
-                 mem_mb: int = 16, vcpus: int = 1) -> None:  # fmt: skip
-        self.layout = Layout(mem_mb << 20, vcpus)
-        self.mem = memoryview(bytearray(self.layout.mem_bytes))
-        header = self.layout.header_bytes()
-        self.mem[: len(header)] = header
-        self.kvm = Kvm(self.mem, self.layout, host_limit)
-        self.calls: list[tuple[int, int, int, int]] = []  # (vcpu, nr, len, gpa) of every hypercall
-        self.kernels = []
-        for v in range(vcpus):
-            area = self.layout.vcpu_area(v, queue_bytes)
-            pv = KvmParaState(self.mem, area, self._hypercall_for(v), mode, InlineHost(self.kvm, v), spin_us=0)
-            self.kernels.append(GuestKernel(pv, FrameAllocator(area), self.layout.mem_bytes // PAGE_SIZE))
-        self.kernel = self.kernels[0]
-        self.pv = self.kernel.pv
-
-    def _hypercall_for(self, vcpu: int):
-        def hypercall(nr: int, a0: int, a1: int, a2: int) -> int:
-            self.calls.append((vcpu, nr, a0, a1 | (a2 << 32)))
-            return self.kvm.kvm_emulate_hypercall(vcpu, nr, a0, a1, a2)
-
-        return hypercall
 
 
 @pytest.fixture

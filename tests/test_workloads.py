@@ -108,7 +108,7 @@ def test_same_seed_same_stream_other_seed_other_stream(pair_factory):
 def test_unknown_workload_is_refused(pair_factory):
     with pytest.raises(ValueError, match="unknown workload 'nope'"):
         prepare(pair_factory().kernel, "nope", 1, 1)
-    assert set(WORKLOADS) == {"writes", "fork", "exit", "mprotect", "munmap", "faults", "mixed"}
+    assert set(WORKLOADS) == {"writes", "fork", "exit", "mprotect", "mprotect-clear", "munmap", "faults", "mixed"}
 
 
 @pytest.mark.parametrize("workload", sorted(WORKLOADS))
