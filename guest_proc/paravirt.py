@@ -166,11 +166,12 @@ class KvmParaState:
         if self.status_hypercall is not None:
             self._kvm_mmu_op_status(gpa, length)
             return
+        start, total = gpa, length
         while length:
             r = self.hypercall(KVM_HC_MMU_OP, length, gpa & 0xFFFFFFFF, gpa >> 32)
             self.hypercalls += 1
             if r <= 0 or r > length:
-                raise self._no_progress(r, gpa, length)
+                raise self._no_progress(r, gpa, length, start, total)
             gpa += r
             length -= r
 
@@ -399,15 +400,18 @@ class KvmParaState:
             return  # the slot holds the ring, not struct kvm_para_state
         PARA_STATE_TAIL.pack_into(self.mem, self.area.queue_len_gpa, self.mmu_queue_len, self.lazy_mode)
 
-    def _no_progress(self, r: int, gpa: int, length: int) -> HypercallError:
-        what = describe_op(self.mem, gpa, gpa + length)
+    def _no_progress(self, r: int, gpa: int, length: int, start: int, total: int) -> HypercallError:
+        buf = bytes(self.mem[start : start + total])
+        what = describe_op(buf, gpa - start)
         if r < 0:
             why = f"host returned {errno_name(r)}"
         elif r == 0:
             why = "host processed 0 bytes (refused the op)"
         else:
             why = f"host claims {r} bytes processed of {length} offered"
-        return HypercallError(f"KVM_HC_MMU_OP failed at {what} (gpa {gpa:#x}): {why}", r, gpa)
+        return HypercallError(
+            f"KVM_HC_MMU_OP failed at {what} of the {total}-byte buffer at gpa {start:#x}: {why}", r, gpa
+        )
 
     @property
     def ops_total(self) -> int:

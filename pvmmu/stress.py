@@ -36,6 +36,8 @@ import psutil
 from guest_proc.paravirt import MODES
 from guest_proc.workloads import WORKLOADS
 from protocol.layout import MAX_QUEUE_BYTES
+from protocol.messages import MAX_STATUS_HOST_LIMIT
+from protocol.ring import MAX_RING_BYTES
 from pvmmu.liveness import Terminated
 from pvmmu.progress import Progress
 from pvmmu.rundir import run_dirs
@@ -96,16 +98,28 @@ def _detection_stats(xs: list[float]) -> dict[str, float | int]:
 
 def random_config(rng: random.Random, cfg: StressConfig) -> RunConfig:
     """A random but valid run: every draw is something ``pvmmu run`` accepts and can finish."""
+    mode = rng.choice(MODES)
+    # ring mode keeps at least two queues in its ring (guest_proc.paravirt.ring_capacity)
+    top_queue = MAX_RING_BYTES // 2 if mode == "ring" else MAX_QUEUE_BYTES
+    status = rng.random() < 0.25
+    top_limit = MAX_STATUS_HOST_LIMIT if status else 1 << 16
+    cpus = len(os.sched_getaffinity(0))
     return RunConfig(
-        mode=rng.choice(MODES),
+        mode=mode,
         workload=rng.choice(sorted(WORKLOADS)),
         ops=int(math.exp(rng.uniform(math.log(20), math.log(cfg.max_ops)))),  # log-uniform: many small, some big
         seed=rng.randrange(1 << 30),
-        queue_bytes=rng.choice([24, 64, 256, 1024, 1024, 4096, rng.randint(24, MAX_QUEUE_BYTES)]),
-        host_limit=rng.choice([24, 64, 512, 512, 1024, 4096, rng.randint(24, 1 << 16)]),
+        queue_bytes=rng.choice([24, 64, 256, 1024, 1024, 4096, rng.randint(24, top_queue)]),
+        host_limit=rng.choice([24, 64, 512, 512, 1024, 4096, rng.randint(24, top_limit)]),
         vcpus=rng.choice([1, 1, 1, 2, 3]),
         mem_mb=cfg.mem_mb,
         io_thread=rng.choice(["batch", "normal"]),
+        doorbell=rng.choice(["zmq", "zmq", "pipe"]),
+        placement=rng.choice(["any", "any", "same", "split"] if cpus > 1 else ["any", "same"]),
+        poll_us=rng.choice([0.0, 50.0, 50.0, 500.0]),
+        spin_us=rng.choice([0.0, 50.0, 50.0, 500.0]),
+        coalesce=rng.random() < 0.25,
+        status=status,
         timeout=cfg.timeout,
         max_seconds=max(60.0, cfg.timeout * 6),
     )
