@@ -15,7 +15,7 @@ Layout at the ring's gpa (8-byte words, native little-endian)::
 
     word 0  prod         bytes ever published (written by the guest only)
     word 1  cons         bytes ever consumed (written by the host only)
-    word 2  host_flags   NEED_WAKEUP (host only)
+    word 2  host_flags   NEED_WAKEUP in bit 0, the sleep's sequence number above it (host only)
     word 3  guest_flags  WAITING (guest only)
     word 4  wait_target  the cons value the waiting guest needs
     word 5  error        0, or -KVM_E* for the op the host refused (host only)
@@ -107,6 +107,7 @@ class RingProducer:
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
         self.tail = ring.prod  # appended but maybe not yet published
+        self.kicked = 0  # the host_flags value of the sleep this guest already rang for
 
     def free(self) -> int:
         return self.ring.capacity - (self.tail - self.ring.cons)
@@ -123,9 +124,19 @@ class RingProducer:
         return True
 
     def publish(self) -> bool:
-        """Make appended ops visible to the host; True if it is asleep and must be woken."""
+        """Make appended ops visible to the host; True if it is asleep and must be woken.
+
+        Once per sleep: the host numbers its sleeps, and a host that was woken
+        drains everything published before it can sleep again, so a second
+        doorbell for the same sleep would only cost switches (virtio's event
+        index does the same).
+        """
         self.ring.words[PROD] = self.tail
-        return bool(self.ring.words[HOST_FLAGS] & NEED_WAKEUP)
+        flags = self.ring.words[HOST_FLAGS]
+        if flags & NEED_WAKEUP and flags != self.kicked:
+            self.kicked = flags
+            return True
+        return False
 
     def consumed(self, target: int) -> bool:
         return self.ring.words[CONS] >= target
@@ -155,6 +166,7 @@ class RingConsumer:
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
         self.notified = -1  # the wait target the last completion answered
+        self.sleeps = 0  # numbers each sleep in host_flags, so a guest rings once per sleep
 
     def available(self) -> int:
         return self.ring.words[PROD] - self.ring.words[CONS]
@@ -201,7 +213,8 @@ class RingConsumer:
         host last looked, but before the flag was set, read the flag clear and
         did not ring. Without the second look the host would sleep on that work.
         """
-        self.ring.words[HOST_FLAGS] = NEED_WAKEUP
+        self.sleeps += 1
+        self.ring.words[HOST_FLAGS] = (self.sleeps << 1) | NEED_WAKEUP
         if self.available() or self.completion_due() is not None:
             self.ring.words[HOST_FLAGS] = 0
             return False

@@ -69,7 +69,7 @@ def test_doorbell_is_needed_only_when_the_host_said_it_sleeps():
     p.append(FlushTlb().encode())
     assert p.publish() is False  # host awake: no doorbell
     c.advance(c.available())
-    assert c.prepare_to_sleep() is True and r.words[HOST_FLAGS] == NEED_WAKEUP
+    assert c.prepare_to_sleep() is True and r.words[HOST_FLAGS] & NEED_WAKEUP
     p.append(FlushTlb().encode())
     assert p.publish() is True  # host asleep: ring it
     c.wake()
@@ -178,3 +178,18 @@ def test_the_host_answers_the_target_it_checked_not_the_guests_next_one():
     assert c.completion_due() == 16  # B reached: B gets its own answer
     c.completed(16)
     assert c.completion_due() is None  # answered once, not again
+
+
+def test_the_guest_rings_once_per_host_sleep():
+    r = ring()
+    p, c = RingProducer(r), RingConsumer(r)
+    assert c.prepare_to_sleep()
+    p.append(FlushTlb().encode())
+    assert p.publish() is True  # the host sleeps: ring
+    p.append(FlushTlb().encode())
+    assert p.publish() is False  # still the same sleep: the first doorbell will wake it
+    c.wake()
+    c.advance(c.available())  # awake, it drains everything published
+    assert c.prepare_to_sleep()  # a new sleep, with a new number
+    p.append(FlushTlb().encode())
+    assert p.publish() is True
