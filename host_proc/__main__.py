@@ -68,7 +68,7 @@ _TERMINATING = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 @click.option(
     "--poll-us",
     type=click.FloatRange(0),
-    default=200.0,
+    default=500.0,
     show_default=True,
     help="Ring mode: keep polling the rings this long after the last work before sleeping on the doorbell.",
 )

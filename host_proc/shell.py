@@ -79,7 +79,7 @@ class HostShell:
         token: str | None = None,
         parent: PidWatch | None = None,
         phases: bool = False,
-        poll_us: float = 200.0,
+        poll_us: float = 500.0,
         log: TextIO = sys.stderr,
         status: bool = False,
     ) -> None:

@@ -57,7 +57,7 @@ def run_options(f: Any) -> Any:
         click.option("--placement", type=click.Choice(["any", "same", "split"]), default="any", show_default=True,
                      help="CPU placement: any leaves it to the scheduler; same pins host and guests to one CPU; "
                           "split pins the host to one CPU and the guests to the others."),
-        click.option("--poll-us", type=click.FloatRange(0), default=200.0, show_default=True,
+        click.option("--poll-us", type=click.FloatRange(0), default=500.0, show_default=True,
                      help="Ring mode: the host keeps polling the rings this long after its last work, then "
                           "sets NEED_WAKEUP and sleeps on the doorbell (longer: fewer doorbells, more CPU)."),
         click.option("--spin-us", type=click.FloatRange(0), default=50.0, show_default=True,

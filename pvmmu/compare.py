@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 BASELINE = "direct"
 NOISY_STDEV = 0.10  # σ above this fraction of the mean is worth a warning
 SLOW_FIRST = 1.5  # a first counted run this much slower than the rest's median is worth a warning
+NEGLIGIBLE = 0.02  # a significant difference smaller than this is not claimed ("1.0x fewer" says nothing)
 
 Record = dict[str, Any]
 Progress = Callable[[str], None]
@@ -297,8 +298,10 @@ def noise_warnings(result: dict[str, Any]) -> list[str]:
 
 def claim(test: dict[str, Any], ratio: float, word: str) -> str:
     """'20.8x fewer' only when the rank test says so; otherwise the bare ratio, marked."""
-    if test["significant"]:
+    if test["significant"] and ratio >= 1 + NEGLIGIBLE:
         return f"{ratio:.1f}x {word}"
+    if test["significant"]:
+        return f"{ratio:.2f}x (no meaningful difference)"
     if stats.min_exact_p(test["n_x"], test["n_y"]) > test["alpha"]:
         return f"{ratio:.2f}x (untested)"
     return f"{ratio:.2f}x (not significant)"
@@ -320,13 +323,18 @@ def verdict_line(row: dict[str, Any]) -> str:
                 f"speed {_name(row)}/{base} {row['speedup']:.2f}x; untested for significance with {n}: "
                 f"use --repeat 3 or more{_ring_note(row)}")  # fmt: skip
     base = _base(row)
-    if sw["significant"]:
+    if sw["significant"] and row["reduction"] >= 1 + NEGLIGIBLE:
         switches = f"{row['reduction']:.1f}x fewer context switches than {base} ({theory}; p={sw['p']:.2g})"
+    elif sw["significant"]:  # separates completely, yet too small to be worth a claim
+        switches = (f"no meaningful difference in context switches from {base} "
+                    f"({row['reduction']:.3f}x, significant but under {NEGLIGIBLE:.0%}, {theory}; p={sw['p']:.2g})")  # fmt: skip
     else:
         switches = (f"no significant difference in context switches from {base} "
                     f"({row['reduction']:.2f}x, {theory}; p={sw['p']:.2g})")  # fmt: skip
-    if fast["significant"]:
+    if fast["significant"] and row["speedup"] >= 1 + NEGLIGIBLE:
         speed = f"{row['speedup']:.1f}x faster (p={fast['p']:.2g})"
+    elif fast["significant"]:
+        speed = f"not meaningfully faster ({row['speedup']:.3f}x, significant but under {NEGLIGIBLE:.0%}; p={fast['p']:.2g})"
     else:
         speed = f"not significantly faster ({row['speedup']:.2f}x, p={fast['p']:.2g})"
     return f"{_name(row)}: {switches}, {speed}; Mann-Whitney U, one-sided, {n}{_ring_note(row)}"

@@ -61,7 +61,8 @@ def plot_compare(result: dict[str, Any], path: str) -> None:
     x = range(len(rows))
     many = len(rows) > 4
     small = 8 if many else 10
-    fig, (ax_sw, ax_speed) = plt.subplots(1, 2, figsize=(max(12, 1.9 * len(rows)), 5.6 if many else 5.2))
+    width = 1.9 * len(rows) if many else 3.6 * len(rows)  # room under each bar for its tick label
+    fig, (ax_sw, ax_speed) = plt.subplots(1, 2, figsize=(max(12, width), 5.6 if many else 5.2))
 
     spo = [r["figures"]["switches_per_op"] for r in rows]
     order = list(dict.fromkeys(r["mode"] for r in rows))
@@ -116,6 +117,7 @@ def plot_compare(result: dict[str, Any], path: str) -> None:
         ticks = [f"{r['mode']}\n{r['placement']}" for r in rows]
     else:
         ticks = [f"{r['label']}\n({MODE_NOTES[r['mode']]})" if r["mode"] in MODE_NOTES else r["label"] for r in rows]
+        ticks = [t.replace(" per op", "\nper op") for t in ticks]
     for ax in (ax_sw, ax_speed):
         ax.set_xticks(list(x), ticks, fontsize=small + 1)
         ax.spines[["top", "right"]].set_visible(False)

@@ -67,7 +67,7 @@ class RunConfig:
     io_thread: str = "batch"  # SCHED_BATCH for ZeroMQ's I/O threads (see pvmmu.doorbell)
     doorbell: str = "zmq"  # or "pipe": OS pipes, no helper thread
     placement: str = "any"  # any | same | split: where host and guests may run
-    poll_us: float = 200.0  # ring mode: the host polls this long after its last work
+    poll_us: float = 500.0  # ring mode: the host polls this long after its last work
     spin_us: float = 50.0  # ring mode: a waiting guest spins this long before it sleeps
     phases: bool = False  # stamp every hypercall and break its time down
     coalesce: bool = False  # the guest folds a rewrite of an entry queued in the same batch into that op

@@ -165,6 +165,12 @@ def test_verdicts_say_untested_or_not_significant_instead_of_claiming():
     line = compare.verdict_line(same["rows"][1])
     assert line.startswith("queued: no significant difference in context switches from direct")
     assert "not significantly faster" in line
+    # Separated in every run, but by a hair: significant, and still not worth "1.0x fewer".
+    hair = _result([_row("direct", [6.010, 6.011, 6.012], [100.0, 100.2, 100.4]),
+                    _row("queued", [6.007, 6.008, 6.009], [100.5, 100.7, 100.9])])  # fmt: skip
+    line = compare.verdict_line(hair["rows"][1])
+    assert "no meaningful difference in context switches" in line and "fewer" not in line
+    assert "not meaningfully faster" in line and "significant but under 2%" in line
 
 
 # --- sweep ---
