@@ -60,10 +60,8 @@ from protocol.abi import (
 from protocol.layout import PAGE_SIZE, PARA_STATE_TAIL, VcpuArea
 from protocol.messages import op_status
 from protocol.ring import ERROR_AT, MAX_RING_BYTES, Ring, RingProducer
-from protocol.theory import SHAPE_ENTER, SHAPE_LEAVE, SHAPE_RELEASE_PT
+from protocol.theory import MODES, SHAPE_ENTER, SHAPE_LEAVE, SHAPE_RELEASE_PT
 from protocol.x86 import ENTRY_BYTES, PTRS_PER_TABLE
-
-MODES = ("direct", "queued", "multicall", "ring")
 
 # enum paravirt_lazy_mode
 PARAVIRT_LAZY_NONE = 0
